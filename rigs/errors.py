@@ -1,0 +1,67 @@
+"""The one exception hierarchy of twinstudio.
+
+Library code raises these with structured fields (which file, which key, which
+camera); only the CLI turns them into messages and exit codes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class TwinstudioError(Exception):
+    """Base of every error twinstudio raises on purpose."""
+
+    #: exit code the CLI uses for this kind of error
+    exit_code: int = 1
+
+    def __init__(self, message: str, **facts: object) -> None:
+        super().__init__(message)
+        self.message = message
+        self.facts = {k: v for k, v in facts.items() if v is not None}
+
+    def __str__(self) -> str:  # the message already names the facts
+        return self.message
+
+
+class RigError(TwinstudioError):
+    """A rig file is invalid: names the file, the dotted key and the line."""
+
+    exit_code = 2
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: Path | str | None = None,
+        key: str | None = None,
+        line: int | None = None,
+        camera: str | None = None,
+        light: str | None = None,
+    ) -> None:
+        where = str(path) if path is not None else "<rig>"
+        if line is not None:
+            where += f":{line}"
+        if key:
+            where += f" [{key}]"
+        super().__init__(f"{where}: {message}", path=path, key=key, line=line,
+                         camera=camera, light=light)
+        self.reason = message
+        self.path = Path(path) if path is not None else None
+        self.key = key
+        self.line = line
+        self.camera = camera
+        self.light = light
+
+
+class ShapeError(TwinstudioError):
+    """An array argument has the wrong shape."""
+
+    exit_code = 2
+
+    def __init__(self, name: str, actual: tuple[int, ...], expected: str) -> None:
+        super().__init__(f"{name} has shape {actual}, expected {expected}",
+                         name=name, actual_shape=actual, expected_shape=expected)
+        self.name = name
+        self.actual_shape = actual
+        self.expected_shape = expected
