@@ -143,6 +143,7 @@ class Camera:
 
 def distort(xy: np.ndarray, dist: np.ndarray) -> np.ndarray:
     """Apply OpenCV's k1 k2 p1 p2 k3 model to normalised coordinates [N, 2]."""
+    xy = _check("xy", xy, (None, 2))
     k1, k2, p1, p2, k3 = (float(v) for v in dist)
     x, y = xy[:, 0], xy[:, 1]
     r2 = x * x + y * y

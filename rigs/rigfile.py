@@ -232,7 +232,7 @@ class VirtualSettings(_Strict):
     seed: int = 0
     noise_sigma: float = Field(1.5, ge=0, description="sensor noise, 8-bit digital numbers")
     backdrop_rgb: tuple[float, float, float] = (0.10, 0.55, 0.18)
-    floor_rgb: tuple[float, float, float] = (0.45, 0.45, 0.45)
+    floor_rgb: tuple[float, float, float] | None = None  # default: painted like the backdrop
     ambient: float = Field(0.12, ge=0)
     exposure: float = Field(1.0, gt=0)
     shadows: bool = True

@@ -85,7 +85,7 @@ def ring_24() -> str:
     head = """# 24 virtual cameras in three rings of 8 around a 2 m capture volume.
 [rig]
 name = "virtual-ring-24"
-description = "Virtual studio: 24 cameras in three rings (0.6 m, 1.3 m, 2.0 m high), 6 lights"
+description = "Virtual studio: 24 cameras in three rings (0.4 m, 1.1 m, 1.9 m high), 6 lights"
 version = 1
 
 [volume]
@@ -116,12 +116,12 @@ backdrop_rgb = [0.10, 0.55, 0.18]
 """
     cams = []
     n = 0
-    for ring, (z, phase) in enumerate([(0.6, 0.0), (1.3, 22.5), (2.0, 11.25)]):
+    for ring, (z, phase) in enumerate([(0.4, 0.0), (1.1, 22.5), (1.9, 11.25)]):
         for k in range(8):
             n += 1
             a = math.radians(phase + 45 * k - 90)
-            pos = (2.8 * math.cos(a), 2.8 * math.sin(a), z)
-            cams.append(virtual_camera(f"cam{n:02d}", pos, rng))
+            pos = (3.0 * math.cos(a), 3.0 * math.sin(a), z)
+            cams.append(virtual_camera(f"cam{n:02d}", pos, rng, focal=11.0))
     return head + "\n".join(cams) + "\n" + lights_block([{**li, "driver": "virtual"} for li in VIRTUAL_LIGHTS]) + PRESETS
 
 

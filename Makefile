@@ -1,0 +1,45 @@
+# Idempotent set-up and the project's main jobs. On a fresh machine:
+#   make demo   -> installs what is missing, then runs the pipeline on the virtual studio
+#   make test   -> installs what is missing, then runs the tests
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.twinstudio-installed
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+DEBS   := libusb-1.0-0
+
+.PHONY: setup system-deps demo test test-all bench clean
+
+setup: system-deps $(STAMP)
+
+# Debian libraries: open3d needs libusb-1.0 to import.
+system-deps:
+	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
+	fi
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/twinstudio demo
+
+test: setup
+	$(PY) -m pytest -q
+
+# the slow tests too
+test-all: setup
+	TWINSTUDIO_SLOW=1 $(PY) -m pytest -q
+
+bench: setup
+	$(PY) benchmarks/render.py
+
+clean:
+	rm -rf out .pytest_cache

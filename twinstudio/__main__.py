@@ -1,0 +1,5 @@
+import sys
+
+from twinstudio.cli import main
+
+sys.exit(main())
