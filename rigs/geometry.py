@@ -153,35 +153,40 @@ def distort(xy: np.ndarray, dist: np.ndarray) -> np.ndarray:
     return np.stack([xd, yd], axis=-1)
 
 
-def undistort(xy_d: np.ndarray, dist: np.ndarray, iterations: int = 20) -> np.ndarray:
+def undistort(xy_d: np.ndarray, dist: np.ndarray, iterations: int = 20,
+              dtype: type = np.float64) -> np.ndarray:
     """Invert :func:`distort` by Newton's method; [N, 2] -> [N, 2].
 
-    Converges to ~1e-12 for the distortion of real lenses inside the image.
+    Converges to ~1e-13 (normalised units) in 3-4 steps for the distortion of
+    real lenses inside the image; with ``dtype=np.float32`` to ~1e-7 (about
+    1e-4 px), twice as fast, for rendering.
     """
     xy_d = _check("xy_d", xy_d, (None, 2))
     k1, k2, p1, p2, k3 = (float(v) for v in dist)
     if not any((k1, k2, p1, p2, k3)):
-        return xy_d.copy()
-    xy = xy_d.copy()
+        return xy_d.astype(dtype)
+    tol = 1e-13 if np.dtype(dtype) == np.float64 else 2e-7
+    xd, yd = xy_d[:, 0].astype(dtype), xy_d[:, 1].astype(dtype)
+    x, y = xd.copy(), yd.copy()
     for _ in range(iterations):
-        x, y = xy[:, 0], xy[:, 1]
-        r2 = x * x + y * y
+        xx, yy, xy = x * x, y * y, x * y
+        r2 = xx + yy
         radial = 1.0 + r2 * (k1 + r2 * (k2 + r2 * k3))
         drad = k1 + r2 * (2.0 * k2 + 3.0 * k3 * r2)  # d radial / d r2
-        res = distort(xy, dist) - xy_d
-        # Jacobian of distort
-        j00 = radial + 2 * x * x * drad + 2 * p1 * y + 6 * p2 * x
-        j01 = 2 * x * y * drad + 2 * p1 * x + 2 * p2 * y
-        j10 = 2 * x * y * drad + 2 * p1 * x + 2 * p2 * y
-        j11 = radial + 2 * y * y * drad + 6 * p1 * y + 2 * p2 * x
-        det = j00 * j11 - j01 * j10
-        dx = (j11 * res[:, 0] - j01 * res[:, 1]) / det
-        dy = (-j10 * res[:, 0] + j00 * res[:, 1]) / det
-        xy[:, 0] -= dx
-        xy[:, 1] -= dy
-        if max(np.abs(dx).max(initial=0.0), np.abs(dy).max(initial=0.0)) < 1e-15:
+        rx = x * radial + 2.0 * p1 * xy + p2 * (r2 + 2.0 * xx) - xd
+        ry = y * radial + p1 * (r2 + 2.0 * yy) + 2.0 * p2 * xy - yd
+        # Jacobian of distort (symmetric off-diagonal)
+        j00 = radial + 2.0 * xx * drad + 2.0 * p1 * y + 6.0 * p2 * x
+        j01 = 2.0 * xy * drad + 2.0 * p1 * x + 2.0 * p2 * y
+        j11 = radial + 2.0 * yy * drad + 6.0 * p1 * y + 2.0 * p2 * x
+        det = j00 * j11 - j01 * j01
+        dx = (j11 * rx - j01 * ry) / det
+        dy = (j00 * ry - j01 * rx) / det
+        x -= dx
+        y -= dy
+        if max(np.abs(dx).max(initial=0.0), np.abs(dy).max(initial=0.0)) < tol:
             break
-    return xy
+    return np.stack([x, y], axis=-1)
 
 
 def project_points(points_world: np.ndarray, intr: Intrinsics, pose: Pose) -> tuple[np.ndarray, np.ndarray]:
@@ -200,12 +205,14 @@ def project_points(points_world: np.ndarray, intr: Intrinsics, pose: Pose) -> tu
     return uv, z
 
 
-def pixel_rays(intr: Intrinsics, pose: Pose, uv: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def pixel_rays(intr: Intrinsics, pose: Pose, uv: np.ndarray | None = None,
+               dtype: type = np.float64) -> tuple[np.ndarray, np.ndarray]:
     """Rays through pixels (default: every pixel centre, row-major).
 
     Returns the camera centre [3] and unit directions in world coordinates
     [N, 3] (N = width*height when ``uv`` is None), and honours distortion:
-    the ray through pixel (u, v) projects back onto (u, v).
+    the ray through pixel (u, v) projects back onto (u, v) (to 1e-9 px in
+    float64; to ~1e-4 px with ``dtype=np.float32``, for rendering).
     """
     if uv is None:
         u, v = np.meshgrid(np.arange(intr.width, dtype=np.float64),
@@ -213,10 +220,10 @@ def pixel_rays(intr: Intrinsics, pose: Pose, uv: np.ndarray | None = None) -> tu
         uv = np.stack([u.ravel(), v.ravel()], axis=-1)
     uv = _check("uv", uv, (None, 2))
     xy_d = np.stack([(uv[:, 0] - intr.cx) / intr.fx, (uv[:, 1] - intr.cy) / intr.fy], axis=-1)
-    xy = undistort(xy_d, intr.dist_array)
-    d_cam = np.concatenate([xy, np.ones((len(xy), 1))], axis=1)
+    xy = undistort(xy_d, intr.dist_array, dtype=dtype)
+    d_cam = np.concatenate([xy, np.ones((len(xy), 1), dtype=dtype)], axis=1)
     d_cam /= np.linalg.norm(d_cam, axis=1, keepdims=True)
-    return pose.center, d_cam @ pose.R  # R^T applied row-wise
+    return pose.center, d_cam @ pose.R.astype(dtype)  # R^T applied row-wise
 
 
 def look_at(position: np.ndarray, target: np.ndarray, up: np.ndarray = (0.0, 0.0, 1.0)) -> Pose:

@@ -6,6 +6,7 @@ only place that turns errors into messages and exit codes.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -21,8 +22,15 @@ app = typer.Typer(help="twinstudio: run a digital-twin capture studio from the t
 rig_app = typer.Typer(help="Rig files: list, check and render the virtual studio.", no_args_is_help=True)
 app.add_typer(rig_app, name="rig")
 
-console = Console()
-err_console = Console(stderr=True)
+def _console(stderr: bool = False) -> Console:
+    # logs and CI are not terminals: give tables room instead of rich's 80 columns
+    stream = sys.stderr if stderr else sys.stdout
+    width = None if stream.isatty() or os.environ.get("COLUMNS") else 140
+    return Console(stderr=stderr, width=width)
+
+
+console = _console()
+err_console = _console(stderr=True)
 
 DEFAULT_RIG = "virtual-ring-24"
 
@@ -34,7 +42,7 @@ def rig_list() -> None:
 
     table = Table(title="Library rigs")
     for col in ("name", "cameras", "drivers", "lights", "presets", "description"):
-        table.add_column(col)
+        table.add_column(col, no_wrap=col == "name")
     for path in library_rigs():
         rig = load_rig(path)
         drivers = ", ".join(sorted({c.driver for c in rig.camera_specs}))
@@ -60,7 +68,7 @@ def rig_check(
                   f"{len(rig.camera_specs)} cameras, {len(rig.lights)} lights, {len(rig.presets)} presets")
     cams = Table(title="Cameras")
     for col in ("id", "driver", "address / serial", "resolution", "focal px", "position m", "distance m"):
-        cams.add_column(col)
+        cams.add_column(col, no_wrap=True)
     focus = rig.volume.focus
     for spec, cam in zip(rig.camera_specs, rig.cameras):
         addr = spec.serial or (str(spec.address) if spec.address is not None else "-")
@@ -72,7 +80,7 @@ def rig_check(
     if rig.lights:
         lights = Table(title="Lights")
         for col in ("id", "driver", "kind", "DMX", "position m", "power"):
-            lights.add_column(col)
+            lights.add_column(col, no_wrap=True)
         for light in rig.lights:
             dmx = (f"u{light.universe} ch{light.channel}" + (f"-{light.channel + light.channels - 1}"
                                                              if light.channels > 1 else "")
@@ -93,13 +101,13 @@ def rig_check(
         console.print(presets)
     cov = volume_coverage(rig)
     table = Table(title="Cameras seeing each part of the capture volume (height band x azimuth sector)")
-    table.add_column("height m")
+    table.add_column("height m", no_wrap=True)
     for a0, a1 in zip(cov.sector_edges_deg[:-1], cov.sector_edges_deg[1:]):
-        table.add_column(f"{a0:.0f}-{a1:.0f}°", justify="right")
+        table.add_column(f"{a0:.0f}-{a1:.0f}°", justify="right", no_wrap=True)
     for i in reversed(range(cov.counts.shape[0])):
         z0, z1 = cov.band_edges_m[i], cov.band_edges_m[i + 1]
         cells = [(f"[red]{n}[/]" if n < min_views else str(n)) for n in cov.counts[i]]
-        table.add_row(f"{z0:.2f}-{z1:.2f}", *cells)
+        table.add_row(f"{z0:.1f}-{z1:.1f}", *cells)
     console.print(table)
     for w in coverage_warnings(cov, min_views=min_views):
         console.print(f"[yellow]warning[/] {w}")
@@ -203,13 +211,12 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
     except typer.Abort:
         return 1
-    except Exception as e:  # click usage errors
-        import click
-
-        if isinstance(e, click.ClickException):
-            e.show()
-            return e.exit_code
-        raise
+    except typer.TyperException as e:  # usage errors (typer's click): message and usage on stderr
+        show = getattr(e, "show", None)
+        if show is None:
+            raise
+        show()
+        return int(getattr(e, "exit_code", 2))
     return 0
 
 

@@ -70,19 +70,43 @@ class _Dynamic:
 
 @dataclass
 class CameraView:
-    """Per-camera cache: rays, static backdrop geometry and its irradiance per light."""
+    """Per-camera cache: rays, the static backdrop and its irradiance from each light.
+
+    Shadows on the backdrop are soft (the studio's lights are large) and are
+    traced on a half-resolution grid, then interpolated.
+    """
 
     camera: Camera
-    dirs: np.ndarray  # [P, 3] float32 unit ray directions, world
-    rays: np.ndarray  # [P, 6] float32 open3d rays (origin, direction)
-    z_per_t: np.ndarray  # [P] float32, z-depth per unit ray length
-    static_t: np.ndarray  # [P] float32 ray length to the backdrop
+    rays: np.ndarray  # [P, 6] float32 open3d rays (camera centre, unit direction)
+    z_per_t: np.ndarray  # [P] float32, z-depth per unit of ray length
+    static_t: np.ndarray  # [P] float32 ray length to the backdrop (inf: none)
     static_albedo: np.ndarray  # [P, 3] float32 linear
     static_irr: np.ndarray  # [L, P] float32 irradiance of each light at level 1
-    static_pos: np.ndarray  # [P, 3] float32
-    static_nrm: np.ndarray  # [P, 3] float32
-    shadow_candidates: list[np.ndarray]  # per light: pixel indices whose light path crosses the volume
-    background: dict[str, np.ndarray] = field(default_factory=dict)  # step name -> [P, 3] float32 linear
+    shadow_grid: tuple[int, int]  # (h, w) of the half-resolution shadow grid
+    shadow_cells: list[np.ndarray]  # per light: grid cells whose path to the light crosses the volume
+    shadow_rays: list[np.ndarray]  # per light: [m, 6] float32 rays from those cells, the light at t = 1
+    background: dict[str, np.ndarray] = field(default_factory=dict)  # step -> [P, 3] uint8 sRGB, no shadows
+    instant: _Instant | None = None  # the last instant seen from this camera
+
+    @property
+    def dirs(self) -> np.ndarray:
+        """Unit ray directions [P, 3] (a view into ``rays``)."""
+        return self.rays[:, 3:]
+
+
+@dataclass
+class _Instant:
+    """What one camera sees of one instant, independent of the light levels."""
+
+    dyn: _Dynamic
+    idx: np.ndarray  # [n] pixels showing the moving geometry
+    albedo: np.ndarray  # [n, 3]
+    diffuse: np.ndarray  # [L, n] irradiance per light at level 1, shadows applied
+    specular: np.ndarray  # [L, n] specular radiance per light at level 1
+    depth: np.ndarray  # [P] float32 z-depth
+    mask: np.ndarray  # [P] bool subject
+    shadowed: np.ndarray  # [m] backdrop pixels in the shadow of at least one light
+    shadow_irr: np.ndarray  # [L, m] backdrop irradiance per light at level 1, shadows applied
 
 
 class VirtualStudio:
@@ -96,23 +120,27 @@ class VirtualStudio:
         self.light_ids = [light.id for light in rig.lights]
         self.light_pos = np.array([light.position for light in rig.lights], dtype=np.float32).reshape(-1, 3)
         self.light_int = np.array([LIGHT_INTENSITY * light.power for light in rig.lights], dtype=np.float32)
+        aim = rig.volume.focus.astype(np.float32)
+        axis = aim[None, :] - self.light_pos
+        self.light_axis = axis / np.maximum(np.linalg.norm(axis, axis=1, keepdims=True), 1e-9)
+        self.light_falloff = np.array([_BEAM_EXPONENT[light.kind] for light in rig.lights], dtype=np.float32)
         self._static = o3d.t.geometry.RaycastingScene()
         self._static_albedo: list[np.ndarray] = []
         floor_rgb = v.floor_rgb if v.floor_rgb is not None else v.backdrop_rgb
-        for verts, tris, albedo in _cyclorama(v.backdrop_radius, WALL_HEIGHT, rig.volume.center):
+        albedos = [v.backdrop_rgb, floor_rgb, (CEILING_ALBEDO,) * 3]
+        for (verts, tris), albedo in zip(_cyclorama(v.backdrop_radius, WALL_HEIGHT, rig.volume.center), albedos):
             self._static.add_triangles(o3d.core.Tensor(verts.astype(np.float32)), o3d.core.Tensor(tris))
             self._static_albedo.append(np.asarray(albedo, dtype=np.float32))
-        self._static_albedo[0] = np.asarray(v.backdrop_rgb, dtype=np.float32)
-        self._static_albedo[1] = np.asarray(floor_rgb, dtype=np.float32)
         self._noise = _NoiseBank(v.noise_sigma, v.seed)
         lin = np.linspace(0.0, 1.0, _SRGB_LUT_SIZE)
         self._srgb_lut = np.round(255.0 * _linear_to_srgb(lin)).astype(np.uint8)
         vol = rig.volume
         margin = 0.3
-        self._volume_box = (np.array([vol.center[0] - vol.radius - margin, vol.center[1] - vol.radius - margin,
-                                      0.0]),
-                            np.array([vol.center[0] + vol.radius + margin, vol.center[1] + vol.radius + margin,
-                                      vol.height + margin]))
+        box = o3d.geometry.TriangleMesh.create_box(2 * (vol.radius + margin), 2 * (vol.radius + margin),
+                                                   vol.height + margin)
+        box.translate((vol.center[0] - vol.radius - margin, vol.center[1] - vol.radius - margin, 0.0))
+        self._volume_box = o3d.t.geometry.RaycastingScene()
+        self._volume_box.add_triangles(o3d.t.geometry.TriangleMesh.from_legacy(box))
 
     # ------------------------------------------------------------------ scene parts
 
@@ -149,34 +177,53 @@ class VirtualStudio:
 
     def view(self, camera: Camera) -> CameraView:
         """Cast the camera's rays at the static backdrop and cache what does not change."""
-        origin, dirs = pixel_rays(camera.intrinsics, camera.pose)
-        dirs = dirs.astype(np.float32)
+        origin, dirs = pixel_rays(camera.intrinsics, camera.pose, dtype=np.float32)
         rays = np.empty((len(dirs), 6), dtype=np.float32)
         rays[:, :3] = origin
         rays[:, 3:] = dirs
+        del dirs
         ans = self._static.cast_rays(o3d.core.Tensor(rays))
         t = ans["t_hit"].numpy()
         gid = ans["geometry_ids"].numpy()
         nrm = ans["primitive_normals"].numpy()
         hit = np.isfinite(t)
-        pos = origin.astype(np.float32) + dirs * np.where(hit, t, 0.0)[:, None]
-        # face the normals towards the camera
-        flip = np.sum(nrm * dirs, axis=1) > 0
+        pos = rays[:, :3] + rays[:, 3:] * np.where(hit, t, 0.0)[:, None]
+        flip = np.einsum("ij,ij->i", nrm, rays[:, 3:]) > 0  # face the normals towards the camera
         nrm[flip] *= -1
         albedo = np.zeros((len(t), 3), dtype=np.float32)
         for g, a in enumerate(self._static_albedo):
             albedo[gid == g] = a
-        z_per_t = (dirs @ camera.pose.R[2].astype(np.float32)).astype(np.float32)
+        z_per_t = (rays[:, 3:] @ camera.pose.R[2].astype(np.float32)).astype(np.float32)
         irr = np.zeros((len(self.light_ids), len(t)), dtype=np.float32)
-        cands = []
-        lo, hi = self._volume_box
-        for i, lp in enumerate(self.light_pos):
-            L = lp[None, :] - pos
-            d2 = np.einsum("ij,ij->i", L, L)
-            ndl = np.einsum("ij,ij->i", nrm, L) / np.sqrt(d2)
-            irr[i] = np.where(hit, self.light_int[i] * np.clip(ndl, 0, None) / d2, 0.0)
-            cands.append(np.flatnonzero((irr[i] > 0) & _segments_hit_box(pos, lp, lo, hi)))
-        return CameraView(camera, dirs, rays, z_per_t, t.astype(np.float32), albedo, irr, pos, nrm, cands)
+        for i in range(len(self.light_ids)):
+            irr[i] = np.where(hit, self._irradiance(i, pos, nrm)[0], 0.0)
+        # shadow grid: every second pixel of every second row
+        w, h = camera.intrinsics.width, camera.intrinsics.height
+        grid = (h + 1) // 2, (w + 1) // 2
+        gpix = (np.arange(0, h, 2)[:, None] * w + np.arange(0, w, 2)[None, :]).ravel()
+        g_origin = pos[gpix] + nrm[gpix] * 1e-3
+        g_rays = np.empty((len(gpix), 6), dtype=np.float32)
+        g_rays[:, :3] = g_origin
+        cells, cell_rays = [], []
+        for i in range(len(self.light_ids)):
+            # unnormalised directions: the light is at t = 1 on every ray
+            g_rays[:, 3:] = self.light_pos[i][None, :] - g_origin
+            crosses = self._volume_box.test_occlusions(o3d.core.Tensor(g_rays), tfar=1.0).numpy()
+            c = np.flatnonzero((irr[i, gpix] > 0) & crosses.astype(bool))
+            cells.append(c)
+            cell_rays.append(g_rays[c])
+        return CameraView(camera, rays, z_per_t, t.astype(np.float32), albedo, irr, grid, cells, cell_rays)
+
+    def _irradiance(self, i: int, pos: np.ndarray, nrm: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Light i at level 1 on surface points: irradiance [N], unit directions to it [N, 3], distances [N]."""
+        L = self.light_pos[i][None, :] - pos
+        d2 = np.einsum("ij,ij->i", L, L)
+        dist = np.sqrt(d2)
+        ldir = L / dist[:, None]
+        ndl = np.einsum("ij,ij->i", nrm, ldir)
+        beam = np.maximum(-(ldir @ self.light_axis[i]), 0) ** self.light_falloff[i]
+        e = self.light_int[i] * beam * np.maximum(ndl, 0) / d2
+        return e.astype(np.float32), ldir, dist
 
     # ------------------------------------------------------------------ rendering
 
@@ -189,13 +236,36 @@ class VirtualStudio:
         ambient = np.float32(self.rig.virtual.ambient)
         bg = view.background.get(step.name)
         if bg is None:
-            bg = view.static_albedo * (ambient + np.tensordot(levels, view.static_irr, axes=1))[:, None]
+            lin = view.static_albedo * (ambient + np.tensordot(levels, view.static_irr, axes=1))[:, None]
+            bg = self._to_srgb(lin)
             view.background[step.name] = bg
-        radiance = bg.copy()
-        t_all = view.static_t.copy()
-        mask = np.zeros(w * h, dtype=bool)
+        inst = view.instant
+        if inst is None or inst.dyn is not dyn:
+            inst = view.instant = self._instant(view, dyn)
+        img = bg.copy()
+        if len(inst.idx):
+            rad = inst.albedo * (ambient + np.tensordot(levels, inst.diffuse, axes=1))[:, None]
+            rad += np.tensordot(levels, inst.specular, axes=1)[:, None]
+            img[inst.idx] = self._to_srgb(rad)
+        if len(inst.shadowed):
+            rad = view.static_albedo[inst.shadowed] * (ambient + np.tensordot(levels, inst.shadow_irr, axes=1))[:, None]
+            img[inst.shadowed] = self._to_srgb(rad)
+        rgb = img.reshape(h, w, 3)
+        if noise and self.rig.virtual.noise_sigma > 0:
+            rgb = self._noise.apply(rgb, noise_key)
+        return RenderedImage(rgb, inst.depth.reshape(h, w), inst.mask.reshape(h, w))
 
+    def _instant(self, view: CameraView, dyn: _Dynamic) -> _Instant:
+        """Cast the moving geometry from this camera; light each hit by every light at level 1."""
+        cam = view.camera
+        n_pix = cam.intrinsics.width * cam.intrinsics.height
+        n_lights = len(self.light_ids)
+        depth = view.static_t * view.z_per_t
+        mask = np.zeros(n_pix, dtype=bool)
         idx = self._dynamic_pixels(view, dyn)
+        empty = np.zeros((n_lights, 0), dtype=np.float32)
+        albedo = np.zeros((0, 3), dtype=np.float32)
+        diffuse = specular = empty
         if len(idx):
             ans = dyn.scene.cast_rays(o3d.core.Tensor(view.rays[idx]))
             t = ans["t_hit"].numpy()
@@ -204,61 +274,82 @@ class VirtualStudio:
             gid = ans["geometry_ids"].numpy()[front]
             prim = ans["primitive_ids"].numpy()[front]
             bary = ans["primitive_uvs"].numpy()[front]
-            gnrm = ans["primitive_normals"].numpy()[front]
-            t_all[idx] = t
+            nrm = ans["primitive_normals"].numpy()[front]
+            depth[idx] = t * view.z_per_t[idx]
             d = view.dirs[idx]
             pos = view.rays[idx, :3] + d * t[:, None]
             n = len(idx)
-            nrm = gnrm.copy()
             albedo = np.empty((n, 3), dtype=np.float32)
             ks = np.zeros(n, dtype=np.float32)
             shin = np.ones(n, dtype=np.float32)
             if dyn.person_id is not None:
-                sel = gid == dyn.person_id
-                if sel.any():
+                sel = np.flatnonzero(gid == dyn.person_id)
+                if len(sel):
                     tri = self.person.triangles[prim[sel]]
-                    b0 = 1.0 - bary[sel, 0] - bary[sel, 1]
-                    wts = np.stack([b0, bary[sel, 0], bary[sel, 1]], axis=1)[:, :, None]  # [n, 3, 1]
-                    vn = np.sum(dyn.vertex_normals[tri] * wts, axis=1)
+                    wts = np.stack([1.0 - bary[sel, 0] - bary[sel, 1], bary[sel, 0], bary[sel, 1]], axis=1)
+                    vn = np.einsum("nk,nkc->nc", wts, dyn.vertex_normals[tri])
                     nrm[sel] = vn / np.linalg.norm(vn, axis=1, keepdims=True)
-                    uv = np.sum(self.person.vertex_uv[tri] * wts, axis=1)
-                    albedo[sel] = self.person.albedo(uv)
+                    albedo[sel] = self.person.albedo(np.einsum("nk,nkc->nc", wts, self.person.vertex_uv[tri]))
                     ks[sel] = self.person.triangle_specular[prim[sel]]
                     shin[sel] = self.person.triangle_shininess[prim[sel]]
                     mask[idx[sel]] = True
             if dyn.board_id is not None:
-                sel = gid == dyn.board_id
-                if sel.any():
+                sel = np.flatnonzero(gid == dyn.board_id)
+                if len(sel):
                     bp = dyn.board_pose
-                    local = (pos[sel] - bp.t) @ bp.R  # board coordinates
-                    cos = np.abs(np.einsum("ij,j->i", d[sel], bp.R[:, 2]))
-                    footprint = t[sel] / cam.intrinsics.fx / np.maximum(cos, 0.15)
+                    local = (pos[sel] - bp.t.astype(np.float32)) @ bp.R.astype(np.float32)
+                    cos_v = d[sel] @ bp.R[:, 2].astype(np.float32)
+                    footprint = t[sel] / cam.intrinsics.fx / np.maximum(np.abs(cos_v), 0.15)
                     refl = self._board_reflectance(local[:, :2], footprint)
-                    back = np.einsum("ij,j->i", d[sel], bp.R[:, 2]) < 0  # printed side faces -z
-                    refl[back] = 0.25
+                    refl[cos_v < 0] = 0.25  # the back of the board: the printed side faces -z
                     albedo[sel] = refl[:, None]
                     ks[sel] = 0.02
                     shin[sel] = 10.0
             flip = np.einsum("ij,ij->i", nrm, d) > 0
             nrm[flip] *= -1
-            radiance[idx] = self._shade(pos, nrm, -d, albedo, ks, shin, levels, ambient, dyn)
-
-        # subject and board shadows on the backdrop
+            diffuse = np.zeros((n_lights, n), dtype=np.float32)
+            specular = np.zeros((n_lights, n), dtype=np.float32)
+            for i in range(n_lights):
+                e, ldir, _ = self._irradiance(i, pos, nrm)
+                lit = np.flatnonzero(e > 0)
+                if self.rig.virtual.shadows and len(lit):
+                    e[lit[self._occluded(pos[lit], nrm[lit], self.light_pos[i], dyn)]] = 0.0
+                hv = ldir - d
+                hv /= np.linalg.norm(hv, axis=1, keepdims=True)
+                ndh = np.clip(np.einsum("ij,ij->i", nrm, hv), 0, 1)
+                diffuse[i] = e
+                specular[i] = ks * ndh ** shin * e
+        # shadows of the moving geometry on the backdrop
+        shadowed = np.zeros(0, dtype=np.int64)
+        shadow_irr = empty
         if self.rig.virtual.shadows and len(dyn.bbox):
-            not_dyn = np.ones(w * h, dtype=bool)
-            not_dyn[idx] = False
-            for i, cand in enumerate(view.shadow_candidates):
-                if levels[i] <= 0 or not len(cand):
-                    continue
-                cand = cand[not_dyn[cand]]
-                occ = self._occluded(view.static_pos[cand], view.static_nrm[cand], self.light_pos[i], dyn)
-                if occ.any():
-                    hit = cand[occ]
-                    radiance[hit] -= view.static_albedo[hit] * (levels[i] * view.static_irr[i, hit])[:, None]
+            free = np.ones(n_pix, dtype=bool)
+            free[idx] = False
+            w, h = cam.intrinsics.width, cam.intrinsics.height
+            lit_frac = []
+            for i, cells in enumerate(view.shadow_cells):
+                frac = None
+                if len(cells):
+                    occ = self._occluded_rays(view.shadow_rays[i], dyn)
+                    if occ.any():
+                        g = np.ones(view.shadow_grid[0] * view.shadow_grid[1], dtype=np.float32)
+                        g[cells[occ]] = 0.0
+                        frac = _upsample_half(g.reshape(view.shadow_grid), w, h).ravel()
+                lit_frac.append(frac)
+            dark = [f < 1.0 for f in lit_frac if f is not None]
+            if dark:
+                shadowed = np.flatnonzero(np.logical_or.reduce(dark) & free)
+                shadow_irr = view.static_irr[:, shadowed].copy()
+                for i, frac in enumerate(lit_frac):
+                    if frac is not None:
+                        shadow_irr[i] *= frac[shadowed]
+        return _Instant(dyn, idx, albedo, diffuse, specular, depth.astype(np.float32), mask, shadowed,
+                        shadow_irr)
 
-        rgb = self._sensor(radiance.reshape(h, w, 3), noise_key if noise else None)
-        depth = (t_all * view.z_per_t).reshape(h, w)
-        return RenderedImage(rgb, depth.astype(np.float32), mask.reshape(h, w))
+    def _to_srgb(self, radiance: np.ndarray) -> np.ndarray:
+        """Linear radiance [..., 3] -> sRGB uint8 with the rig's exposure (no noise)."""
+        scale = (_SRGB_LUT_SIZE - 1) * self.rig.virtual.exposure
+        return self._srgb_lut[np.minimum(radiance * scale, _SRGB_LUT_SIZE - 1).astype(np.uint16)]  # radiance >= 0
 
     def _board_reflectance(self, xy: np.ndarray, footprint: np.ndarray) -> np.ndarray:
         w, h = self.board.size_m
@@ -287,56 +378,25 @@ class VirtualStudio:
         return (ys * w + xs).ravel()
 
     def _occluded(self, pos: np.ndarray, nrm: np.ndarray, light: np.ndarray, dyn: _Dynamic) -> np.ndarray:
-        """Whether the moving geometry blocks the light at surface points [N, 3]."""
-        origin = pos + nrm * 1e-3
-        L = light[None, :] - origin
-        dist = np.linalg.norm(L, axis=1)
+        """Whether the moving geometry blocks ``light`` [3] from surface points [N, 3]; [N] bool."""
         rays = np.empty((len(pos), 6), dtype=np.float32)
-        rays[:, :3] = origin
-        rays[:, 3:] = L / dist[:, None]
-        occ = dyn.scene.test_occlusions(o3d.core.Tensor(rays), tfar=float(dist.max()))
-        occ = occ.numpy().astype(bool)
-        if occ.any():  # test_occlusions uses one tfar: recheck the hits against each own distance
-            sub = np.flatnonzero(occ)
-            t = dyn.scene.cast_rays(o3d.core.Tensor(rays[sub]))["t_hit"].numpy()
-            occ[sub] = t < dist[sub]
-        return occ
+        rays[:, :3] = pos + nrm * 1e-3
+        rays[:, 3:] = light[None, :] - rays[:, :3]
+        return self._occluded_rays(rays, dyn)
 
-    def _shade(self, pos, nrm, to_eye, albedo, ks, shin, levels, ambient, dyn) -> np.ndarray:
-        """Diffuse + Blinn-Phong radiance [N, 3] at surface points with shadows."""
-        diffuse = np.full(len(pos), ambient, dtype=np.float32)
-        spec = np.zeros(len(pos), dtype=np.float32)
-        for i, lp in enumerate(self.light_pos):
-            if levels[i] <= 0:
-                continue
-            L = lp[None, :] - pos
-            d2 = np.einsum("ij,ij->i", L, L)
-            ldir = L / np.sqrt(d2)[:, None]
-            ndl = np.einsum("ij,ij->i", nrm, ldir)
-            lit = ndl > 0
-            if self.rig.virtual.shadows and lit.any():
-                sub = np.flatnonzero(lit)
-                lit[sub[self._occluded(pos[sub], nrm[sub], lp, dyn)]] = False
-            e = np.where(lit, levels[i] * self.light_int[i] * ndl / d2, 0.0).astype(np.float32)
-            diffuse += e
-            hv = ldir + to_eye
-            hv /= np.linalg.norm(hv, axis=1, keepdims=True)
-            ndh = np.clip(np.einsum("ij,ij->i", nrm, hv), 0, 1)
-            spec += ks * ndh ** shin * e
-        return albedo * diffuse[:, None] + spec[:, None]
+    @staticmethod
+    def _occluded_rays(rays: np.ndarray, dyn: _Dynamic) -> np.ndarray:
+        """Occlusion of rays whose (unnormalised) direction reaches the light at t = 1."""
+        return dyn.scene.test_occlusions(o3d.core.Tensor(rays), tfar=1.0).numpy().astype(bool)
 
-    def _sensor(self, radiance: np.ndarray, noise_key: int | None) -> np.ndarray:
-        """Linear radiance [H, W, 3] -> sRGB uint8 with the rig's exposure and sensor noise."""
-        scale = (_SRGB_LUT_SIZE - 1) * self.rig.virtual.exposure
-        code = np.clip(radiance * scale, 0, _SRGB_LUT_SIZE - 1).astype(np.uint16)
-        img = self._srgb_lut[code]
-        if noise_key is not None and self.rig.virtual.noise_sigma > 0:
-            img = self._noise.apply(img, noise_key)
-        return img
+
+#: beam falloff exponent (cos^k about the light's axis, aimed at the volume's centre) per fixture kind
+_BEAM_EXPONENT = {"softbox": 1.5, "panel": 1.0, "ring": 1.0, "fresnel": 6.0, "spot": 10.0}
 
 
 class _NoiseBank:
-    """Gaussian sensor noise (in 8-bit digital numbers) drawn once, shifted per image."""
+    """Gaussian sensor noise (8-bit digital numbers): one field of twice the image size
+    drawn once, and a window of it chosen per image from a seeded offset."""
 
     def __init__(self, sigma: float, seed: int) -> None:
         self.sigma = sigma
@@ -349,15 +409,25 @@ class _NoiseBank:
         h, w = img.shape[:2]
         if (h, w) not in self._bank:
             rng = np.random.default_rng(self.seed)
-            n = np.round(rng.standard_normal((h, w, 3), dtype=np.float32) * self.sigma)
-            n = np.clip(n, -127, 127).astype(np.int16)
-            self._bank[(h, w)] = (np.clip(n, 0, None).astype(np.uint8), np.clip(-n, 0, None).astype(np.uint8))
+            n = np.round(rng.standard_normal((2 * h, 2 * w, 3), dtype=np.float32) * self.sigma)
+            self._bank[(h, w)] = (np.clip(n, 0, 255).astype(np.uint8), np.clip(-n, 0, 255).astype(np.uint8))
         pos, neg = self._bank[(h, w)]
         rng = np.random.default_rng([self.seed, key])
         dy, dx = int(rng.integers(h)), int(rng.integers(w))
-        pos = np.roll(pos, (dy, dx), axis=(0, 1))
-        neg = np.roll(neg, (dy, dx), axis=(0, 1))
-        return cv2.subtract(cv2.add(img, pos), neg)
+        return cv2.subtract(cv2.add(img, pos[dy:dy + h, dx:dx + w]), neg[dy:dy + h, dx:dx + w])
+
+
+def _upsample_half(grid: np.ndarray, w: int, h: int) -> np.ndarray:
+    """Bilinear upsampling of a grid sampled at even pixels back to [h, w]."""
+    import cv2
+
+    gh, gw = grid.shape
+    # grid cell (r, c) sits on pixel (2r, 2c): map pixel x to grid coordinate x / 2
+    mx = np.minimum(np.arange(w, dtype=np.float32) / 2, gw - 1)
+    my = np.minimum(np.arange(h, dtype=np.float32) / 2, gh - 1)
+    map_x = np.broadcast_to(mx[None, :], (h, w))
+    map_y = np.broadcast_to(my[:, None], (h, w))
+    return cv2.remap(grid, np.ascontiguousarray(map_x), np.ascontiguousarray(map_y), cv2.INTER_LINEAR)
 
 
 def _linear_to_srgb(x: np.ndarray) -> np.ndarray:
@@ -375,25 +445,8 @@ def _vertex_normals(verts: np.ndarray, tris: np.ndarray) -> np.ndarray:
     return vn
 
 
-def _segments_hit_box(p: np.ndarray, q: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-    """Whether segments p[i] -> q cross the axis-aligned box [lo, hi]; [N] bool."""
-    d = (q[None, :] - p).astype(np.float64)
-    tmin = np.zeros(len(p))
-    tmax = np.ones(len(p))
-    for a in range(3):
-        with np.errstate(divide="ignore", invalid="ignore"):
-            inv = 1.0 / d[:, a]
-            t0 = (lo[a] - p[:, a]) * inv
-            t1 = (hi[a] - p[:, a]) * inv
-        near = np.where(np.isnan(t0), -np.inf, np.minimum(t0, t1))
-        far = np.where(np.isnan(t1), np.inf, np.maximum(t0, t1))
-        tmin = np.maximum(tmin, near)
-        tmax = np.minimum(tmax, far)
-    return tmin <= tmax
-
-
 def _cyclorama(radius: float, height: float, center: tuple[float, float], n: int = 256):
-    """Backdrop wall (inward cylinder), floor disc and ceiling disc as (verts, tris, albedo)."""
+    """Backdrop wall (a cylinder), floor disc and ceiling disc as (verts, tris)."""
     cx, cy = center
     a = np.linspace(0, 2 * np.pi, n, endpoint=False)
     ring = np.stack([cx + radius * np.cos(a), cy + radius * np.sin(a)], axis=1)
@@ -404,6 +457,5 @@ def _cyclorama(radius: float, height: float, center: tuple[float, float], n: int
     floor_v = np.concatenate([[[cx, cy, 0.0]], np.c_[ring, np.zeros(n)]])
     floor_t = np.stack([np.zeros(n, int), 1 + j, 1 + k], 1)
     ceil_v = floor_v + np.array([0, 0, height])
-    return [(wall_v, wall_t.astype(np.uint32), (0.0, 0.0, 0.0)),
-            (floor_v, floor_t.astype(np.uint32), (0.0, 0.0, 0.0)),
-            (ceil_v, floor_t.astype(np.uint32), (CEILING_ALBEDO,) * 3)]
+    return [(wall_v, wall_t.astype(np.uint32)), (floor_v, floor_t.astype(np.uint32)),
+            (ceil_v, floor_t.astype(np.uint32))]

@@ -1,0 +1,1 @@
+"""The virtual studio: a synthetic person, a calibration board and a CPU ray-cast renderer."""

@@ -1,0 +1,98 @@
+"""The CLI: help everywhere, tables, exit codes, nothing written on bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from twinstudio.cli import main
+
+BROKEN = """\
+[rig]
+name = "broken"
+
+[[cameras]]
+id = "cam01"
+driver = "virtual"
+resolution = [320, 240]
+focal_mm = 10.0
+sensor_mm = [10.0, 7.5]
+position = [0.0, -3.0, 1.0]
+zoom = 2
+"""
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["rig", "--help"], ["rig", "list", "--help"],
+                                  ["rig", "check", "--help"], ["rig", "render", "--help"], ["demo", "--help"]])
+def test_every_command_has_help(argv, capsys):
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "Usage" in out and len(out.splitlines()) > 4
+
+
+def test_rig_list_names_the_library(capsys):
+    assert main(["rig", "list"]) == 0
+    out = capsys.readouterr().out
+    for name in ("virtual-ring-24", "virtual-dome-96", "studio-gphoto2-48", "webcams-4"):
+        assert name in out
+
+
+def test_rig_check_prints_cameras_lights_presets_and_coverage(capsys):
+    assert main(["rig", "check", "virtual-ring-24"]) == 0
+    out = capsys.readouterr().out
+    assert "cam24" in out and "key-fill-rim" in out and "one light at a time" in out
+    assert "capture volume" in out and "rim-l" in out
+
+
+def test_rig_check_gphoto2_studio_shows_dmx_and_serials(capsys):
+    assert main(["rig", "check", "studio-gphoto2-48"]) == 0
+    out = capsys.readouterr().out
+    assert "u1 ch1-2" in out and "gphoto2" in out
+
+
+def test_rig_check_broken_rig_exits_2_naming_file_line_and_key(tmp_path, capsys):
+    path = tmp_path / "broken.toml"
+    path.write_text(BROKEN)
+    assert main(["rig", "check", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "broken.toml:11" in err and "zoom" in err and "unknown key" in err
+
+
+def test_rig_render_broken_rig_writes_nothing(tmp_path, capsys):
+    path = tmp_path / "broken.toml"
+    path.write_text(BROKEN)
+    out = tmp_path / "out"
+    assert main(["rig", "render", str(path), "--out", str(out)]) == 2
+    assert not out.exists()
+
+
+def test_rig_render_bad_take_kind_is_a_usage_error(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["rig", "render", "virtual-ring-24", "--out", str(out), "--takes", "portraits"]) == 2
+    assert "portraits" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_rig_render_small(tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["rig", "render", "virtual-ring-24", "--out", str(out), "--takes", "motion", "--frames", "2",
+                 "--scale", "0.1", "--plain", "--workers", "1"])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "rendered 48 images" in text and str(out / "takes" / "motion-001") in text
+    manifest = json.loads((out / "render.json").read_text())
+    assert manifest["schema"] == "twinstudio.render" and len(manifest["images"]) == 48
+
+
+def test_missing_rig_file_is_a_clear_error(tmp_path, capsys):
+    assert main(["rig", "check", str(tmp_path / "nope.toml")]) == 2
+    assert "no such rig file" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_demo_renders_the_default_rig(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--plain"]) == 0
+    manifest = json.loads((out / "render" / "render.json").read_text())
+    assert len(manifest["images"]) == 24 * (8 + 24)
