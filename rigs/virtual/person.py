@@ -295,16 +295,17 @@ class Person:
         if uv.ndim != 2 or uv.shape[1] != 2:
             raise ShapeError("uv", tuple(uv.shape), "[N, 2]")
         h, w = self.texture.shape[:2]
-        x = uv[:, 0] * w - 0.5
-        y = uv[:, 1] * h - 0.5
-        x0 = np.clip(np.floor(x).astype(np.int32), 0, w - 2)
-        y0 = np.clip(np.floor(y).astype(np.int32), 0, h - 2)
-        fx = np.clip(x - x0, 0, 1).astype(np.float32)[:, None]
-        fy = np.clip(y - y0, 0, 1).astype(np.float32)[:, None]
-        lut, tex = self._lut, self.texture
-        top = lut[tex[y0, x0]] * (1 - fx) + lut[tex[y0, x0 + 1]] * fx
-        bot = lut[tex[y0 + 1, x0]] * (1 - fx) + lut[tex[y0 + 1, x0 + 1]] * fx
-        return top * (1 - fy) + bot * fy
+        # bilinear in the atlas (sRGB texels, as a painted texture is), then to linear
+        n = len(uv)
+        cols = 1024  # cv2.remap maps must be under 32767 rows: lay the samples out in a block
+        rows = max(1, -(-n // cols))
+        mx = np.zeros(rows * cols, dtype=np.float32)
+        my = np.zeros(rows * cols, dtype=np.float32)
+        mx[:n] = uv[:, 0] * w - 0.5
+        my[:n] = uv[:, 1] * h - 0.5
+        srgb = cv2.remap(self.texture, mx.reshape(rows, cols), my.reshape(rows, cols), cv2.INTER_LINEAR,
+                         borderMode=cv2.BORDER_REPLICATE)
+        return self._lut[srgb.reshape(-1, 3)[:n]]
 
     def inside(self, points: np.ndarray, posed: PosedPerson, exclude: int | None = None) -> np.ndarray:
         """Whether points [N, 3] are strictly inside any body part (1 mm margin); [N] bool."""

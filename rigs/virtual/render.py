@@ -9,7 +9,9 @@ writes ``render.json`` last. Layout of ``out_dir``::
     rig.toml                                     the rig file rendered
     gt/cameras.json                              exact cameras (OpenCV convention)
     takes/<take>/<camera>/<frame:06d>.jpg        images (jpg or png, per the rig)
-    takes/<take>/gt/<camera>/<frame:06d>.depth.png   z-depth, uint16, metres * DEPTH_SCALE (0 = none)
+    takes/<take>/gt/<camera>/<frame:06d>.depth.png   z-depth of the subject and board (uint16,
+                                                     metres * DEPTH_SCALE; 0 elsewhere)
+    takes/<take>/gt/<camera>/backdrop.depth.png      z-depth of the empty studio (same units)
     takes/<take>/gt/<camera>/<frame:06d>.mask.png    subject mask, 0/255
     takes/<take>/gt/meshes/<frame:06d>.ply       subject mesh per frame (world, metres)
     takes/<take>/gt/frames.json                  per frame: time, lighting step, joints, landmarks, board pose
@@ -40,6 +42,7 @@ from pydantic import BaseModel, ConfigDict
 from rigs.errors import TwinstudioError
 from rigs.fileio import atomic_write_bytes, atomic_write_json
 from rigs.geometry import Camera
+from rigs.pngio import encode_png
 from rigs.rigfile import PresetStep, Rig, load_rig, resolve_rig_path
 
 #: depth PNGs hold metres * DEPTH_SCALE as uint16: 0.2 mm steps up to 13.1 m
@@ -312,6 +315,7 @@ def _render_share(rig_path: Path, out: Path, options: RenderOptions, takes: list
             img_dir.mkdir(parents=True, exist_ok=True)
             if options.ground_truth:
                 gt_dir.mkdir(parents=True, exist_ok=True)
+                _write_png(gt_dir / "backdrop.depth.png", depth_to_png(studio.backdrop_depth(view)))
             for f in take.frames:
                 dyn = instants[(f.clip_frame, f.board_index)]
                 img = studio.render(view, dyn, f.step, noise_key=_noise_key(cid, take.id, f.index),
@@ -319,8 +323,7 @@ def _render_share(rig_path: Path, out: Path, options: RenderOptions, takes: list
                 name = f"{f.index:06d}"
                 files.append(_write_image(img_dir / f"{name}.{ext}", img.rgb, out))
                 if options.ground_truth:
-                    depth = np.where(np.isfinite(img.depth), np.round(img.depth * DEPTH_SCALE), 0)
-                    depth = np.where(depth > 65535, 0, depth).astype(np.uint16)
+                    depth = depth_to_png(img.depth, img.foreground)
                     _write_png(gt_dir / f"{name}.depth.png", depth)
                     _write_png(gt_dir / f"{name}.mask.png", img.mask.astype(np.uint8) * 255)
                 done += 1
@@ -350,10 +353,21 @@ def _write_image(path: Path, rgb: np.ndarray, root: Path) -> dict:
 
 
 def _write_png(path: Path, arr: np.ndarray) -> None:
-    ok, buf = cv2.imencode(".png", arr, [cv2.IMWRITE_PNG_COMPRESSION, 1])
-    if not ok:
-        raise RenderError(f"could not encode {path}", path=str(path))
-    atomic_write_bytes(path, buf.tobytes(), fsync=False)
+    atomic_write_bytes(path, encode_png(arr), fsync=False)
+
+
+def depth_to_png(depth: np.ndarray, where: np.ndarray | None = None) -> np.ndarray:
+    """z-depth in metres [H, W] -> uint16 metres * DEPTH_SCALE; 0 where inf, beyond range or not ``where``."""
+    out = np.zeros(depth.shape, dtype=np.uint16)
+    sel = np.isfinite(depth) if where is None else where & np.isfinite(depth)
+    d = np.round(depth[sel] * DEPTH_SCALE)
+    out[sel] = np.where(d > 65535, 0, d)
+    return out
+
+
+def depth_from_png(arr: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`depth_to_png`: metres, inf where 0."""
+    return np.where(arr > 0, arr.astype(np.float32) / DEPTH_SCALE, np.inf).astype(np.float32)
 
 
 def _write_take_ground_truth(out: Path, takes: list[TakeSpec], posed: dict, boards: list, studio) -> None:

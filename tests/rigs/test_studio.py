@@ -119,6 +119,11 @@ def test_depth_png_matches_an_independent_ray_cast(tmp_path, rig):
         assert (hit ^ mask).sum() <= 0.01 * mask.sum() + 3
         z_png = depth[both] / DEPTH_SCALE
         assert np.percentile(np.abs(z_png - z_gt.reshape(240, 320)[both]), 99) < 3e-4
+        # per-image depth holds the subject only; the empty studio's depth is written once per camera
+        assert not depth[~mask].any()
+        backdrop = cv2.imread(str(out / f"takes/stills-001/gt/{cid}/backdrop.depth.png"), cv2.IMREAD_UNCHANGED)
+        assert backdrop.dtype == np.uint16 and (backdrop[~mask] > 0).mean() > 0.9
+        assert (backdrop[mask].astype(int) > depth[mask]).all()  # the subject stands in front of it
 
 
 def test_board_corners_are_detected_where_they_project(rig, studio):
