@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError,
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError,
                       field_validator)
 
 from rigs.errors import RigError
@@ -71,6 +71,19 @@ def _quantity(kind: str, limit: float):
     return BeforeValidator(parse)
 
 
+def _one_of(kind: str, names: tuple[str, ...]):
+    """A validator accepting only the registered ``names`` of a kind of driver."""
+
+    def check(v: str) -> str:
+        if v not in names:
+            raise ValueError(f"unknown {kind} {v!r}; known: {', '.join(names)}")
+        return v
+
+    return AfterValidator(check)
+
+
+CameraDriver = Annotated[str, _one_of("camera driver", CAMERA_DRIVERS)]
+LightDriver = Annotated[str, _one_of("light driver", LIGHT_DRIVERS)]
 Length = Annotated[float, _quantity("length", 100.0)]
 Duration = Annotated[float, _quantity("duration", 3600.0)]
 Vec3 = tuple[Length, Length, Length]
@@ -127,7 +140,7 @@ class SettingsProfile(_Strict):
 
 class CameraSpec(_Strict):
     id: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]+$")]
-    driver: str
+    driver: CameraDriver
     address: str | int | None = None
     serial: str | None = None
     resolution: tuple[Annotated[int, Field(gt=0)], Annotated[int, Field(gt=0)]]
@@ -141,13 +154,6 @@ class CameraSpec(_Strict):
     profile: str | None = None
     format: Literal["jpg", "png"] = "jpg"
 
-    @field_validator("driver")
-    @classmethod
-    def _driver(cls, v: str) -> str:
-        if v not in CAMERA_DRIVERS:
-            raise ValueError(f"unknown camera driver {v!r}; known: {', '.join(CAMERA_DRIVERS)}")
-        return v
-
     @property
     def intrinsics(self) -> Intrinsics:
         """Nominal intrinsics from the lens prior (exact for virtual cameras)."""
@@ -158,20 +164,13 @@ class CameraSpec(_Strict):
 
 class LightSpec(_Strict):
     id: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]+$")]
-    driver: str = "virtual"
+    driver: LightDriver = "virtual"
     kind: Literal["softbox", "spot", "fresnel", "panel", "ring"] = "softbox"
     position: Vec3
     power: float = Field(1.0, gt=0, description="relative output at level 1.0")
     universe: int | None = Field(None, ge=1, le=63999)
     channel: int | None = Field(None, ge=1, le=512)
     channels: int = Field(1, ge=1, le=512, description="DMX footprint: channels used from `channel` on")
-
-    @field_validator("driver")
-    @classmethod
-    def _driver(cls, v: str) -> str:
-        if v not in LIGHT_DRIVERS:
-            raise ValueError(f"unknown light driver {v!r}; known: {', '.join(LIGHT_DRIVERS)}")
-        return v
 
 
 class PresetSpec(_Strict):
