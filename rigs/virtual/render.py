@@ -29,6 +29,7 @@ import os
 import shutil
 import time
 import traceback
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -208,7 +209,7 @@ def run_render(rig_path: Path | str, out_dir: Path | str, options: RenderOptions
     total = len(cams) * sum(len(t.frames) for t in takes)
     files: list[dict] = []
     if workers == 1:
-        files = _render_share(rig_path, out, options, takes, shares[0], 0, on_event=on_event, total=total)
+        files = _render_share(rig_path, out, options, takes, shares[0], True, on_event=on_event, total=total)
     else:
         files = _render_parallel(rig_path, out, options, takes, shares, total, on_event)
     seconds = time.perf_counter() - t0
@@ -264,16 +265,18 @@ def _worker(rig_path: str, out: str, options: RenderOptions, takes: list[TakeSpe
         def emit(ev: RenderProgress) -> None:
             queue.put(("image", ev.camera, ev.take))
 
-        files = _render_share(Path(rig_path), Path(out), options, takes, share, index, on_event=emit, local=True)
+        files = _render_share(Path(rig_path), Path(out), options, takes, share, index == 0, on_event=emit)
         queue.put(("done", files))
     except BaseException:  # noqa: BLE001 - reported to the parent, which raises
         queue.put(("error", traceback.format_exc(limit=8)))
 
 
 def _render_share(rig_path: Path, out: Path, options: RenderOptions, takes: list[TakeSpec],
-                  camera_ids: list[str], worker_index: int, *, on_event=None, total: int = 0,
-                  local: bool = False) -> list[dict]:
-    """Render every take for some cameras, camera by camera (one camera's caches at a time)."""
+                  camera_ids: list[str], write_take_gt: bool, *, on_event=None, total: int = 0) -> list[dict]:
+    """Render every take for some cameras, camera by camera (one camera's caches at a time).
+
+    ``write_take_gt``: this share also writes the per-take ground truth (meshes, frames.json).
+    """
     from rigs.virtual.board import board_poses
     from rigs.virtual.motion import default_clip
     from rigs.virtual.studio import FrameState, VirtualStudio
@@ -300,7 +303,7 @@ def _render_share(rig_path: Path, out: Path, options: RenderOptions, takes: list
             bp = boards[f.board_index] if f.board_index is not None else None
             instants[key] = studio.frame(FrameState(posed, bp))
 
-    if worker_index == 0 and options.ground_truth:
+    if write_take_gt and options.ground_truth:
         _write_take_ground_truth(out, takes, posed_cache, boards, studio)
 
     files: list[dict] = []
@@ -329,14 +332,11 @@ def _render_share(rig_path: Path, out: Path, options: RenderOptions, takes: list
                 done += 1
                 if on_event:
                     on_event(RenderProgress(done, total, cid, take.id))
-        view.background.clear()
     return files
 
 
 def _noise_key(camera_id: str, take_id: str, frame: int) -> int:
     """A stable integer per image (Python's hash() of strings is salted per process)."""
-    import zlib
-
     return zlib.crc32(f"{camera_id}/{take_id}/{frame}".encode())
 
 
