@@ -238,6 +238,18 @@ class VirtualSettings(_Strict):
     backdrop_radius: Length = 4.5
 
 
+class QASettings(_Strict):
+    """Per-frame and per-take quality thresholds (capture.qa)."""
+
+    min_sharpness: float = Field(20.0, ge=0, description="variance of the Laplacian at 640 px width")
+    max_clipped_highlights: float = Field(0.02, ge=0, le=1, description="fraction of pixels at >= 250")
+    max_clipped_shadows: float = Field(0.25, ge=0, le=1, description="fraction of pixels at <= 5")
+    min_coverage: float = Field(0.01, ge=0, le=1, description="fraction of the image showing the subject")
+    backdrop_hue_deg: float = Field(135.0, ge=0, lt=360, description="hue of the keyable backdrop")
+    backdrop_hue_tolerance_deg: float = Field(30.0, gt=0, le=180)
+    max_skew: Duration = 0.05
+
+
 class RigModel(_Strict):
     rig: RigInfo
     volume: Volume = Volume()
@@ -249,6 +261,7 @@ class RigModel(_Strict):
     motion: MotionSettings = MotionSettings()
     calibration: CalibrationSettings = CalibrationSettings()
     virtual: VirtualSettings = VirtualSettings()
+    qa: QASettings = QASettings()
 
 
 class Rig:
@@ -267,6 +280,7 @@ class Rig:
     motion = property(lambda self: self.model.motion)
     calibration = property(lambda self: self.model.calibration)
     virtual = property(lambda self: self.model.virtual)
+    qa = property(lambda self: self.model.qa)
 
     @cached_property
     def cameras(self) -> list[Camera]:

@@ -32,6 +32,11 @@ def _console(stderr: bool = False) -> Console:
 console = _console()
 err_console = _console(stderr=True)
 
+from twinstudio.cli_capture import capture_app, consent_app  # noqa: E402 - needs the consoles above
+
+app.add_typer(consent_app, name="consent")
+app.add_typer(capture_app, name="capture")
+
 DEFAULT_RIG = "virtual-ring-24"
 
 

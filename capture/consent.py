@@ -1,0 +1,161 @@
+"""Consent records: the subject's written permission, and the checks every stage makes.
+
+A twin exists only with its subject's consent: which scopes (capture, train,
+generate, share), for which purposes and markets, from when until when, under
+which compensation reference, evidenced by the sha256 of the signed document.
+Records live in ``<session>/consent.json`` (schema twinstudio.consent/1),
+written atomically; revoking marks a record revoked (it is never deleted) and
+blocks every later take, training run and bundle.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+import uuid
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from rigs.errors import TwinstudioError
+from rigs.fileio import atomic_write_json
+
+CONSENT_SCHEMA = "twinstudio.consent"
+CONSENT_VERSION = 1
+CONSENT_FILE = "consent.json"
+Scope = Literal["capture", "train", "generate", "share"]
+SCOPES: tuple[str, ...] = ("capture", "train", "generate", "share")
+
+
+class ConsentError(TwinstudioError):
+    """No consent record in force covers what was asked (exit code 2)."""
+
+    exit_code = 2
+
+
+class ConsentRecord(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    consent_id: str = Field(default_factory=lambda: uuid.uuid4().hex[:12])
+    subject_id: str = Field(pattern=r"^[A-Za-z0-9._-]{3,64}$", description="pseudonymous subject id")
+    agency: str = Field(min_length=1)
+    scopes: list[Scope] = Field(min_length=1)
+    purposes: list[str] = Field(min_length=1)
+    markets: list[str] = Field(min_length=1)
+    valid_from: dt.date
+    valid_until: dt.date
+    compensation_ref: str = Field(min_length=1)
+    document_sha256: str
+    recorded_at: dt.datetime = Field(default_factory=lambda: dt.datetime.now(dt.timezone.utc))
+    revoked_at: dt.datetime | None = None
+    revocation_reason: str | None = None
+
+    @field_validator("document_sha256")
+    @classmethod
+    def _sha(cls, v: str) -> str:
+        if not re.fullmatch(r"[0-9a-f]{64}", v):
+            raise ValueError("document_sha256 must be 64 lowercase hex digits")
+        return v
+
+    @model_validator(mode="after")
+    def _dates(self) -> ConsentRecord:
+        if self.valid_until < self.valid_from:
+            raise ValueError(f"valid_until {self.valid_until} is before valid_from {self.valid_from}")
+        return self
+
+    def problem(self, scope: str, on: dt.date) -> str | None:
+        """Why this record does not allow ``scope`` on day ``on``, or None when it does."""
+        if self.revoked_at is not None:
+            return f"consent {self.consent_id} was revoked on {self.revoked_at.date()}"
+        if scope not in self.scopes:
+            return f"consent {self.consent_id} does not cover {scope!r} (scopes: {', '.join(self.scopes)})"
+        if on < self.valid_from:
+            return f"consent {self.consent_id} is valid only from {self.valid_from}"
+        if on > self.valid_until:
+            return f"consent {self.consent_id} expired on {self.valid_until}"
+        return None
+
+
+class ConsentFile(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    schema_: str = Field(CONSENT_SCHEMA, alias="schema")
+    version: int = CONSENT_VERSION
+    records: list[ConsentRecord] = []
+
+
+def load_consents(session_dir: Path | str) -> list[ConsentRecord]:
+    """The session's consent records (empty when none were recorded)."""
+    path = Path(session_dir) / CONSENT_FILE
+    if not path.exists():
+        return []
+    try:
+        f = ConsentFile.model_validate(json.loads(path.read_text()))
+    except (ValueError, ValidationError) as e:
+        raise ConsentError(f"{path}: not a valid consent file: {e}", path=str(path)) from e
+    if f.schema_ != CONSENT_SCHEMA or f.version != CONSENT_VERSION:
+        raise ConsentError(f"{path}: schema {f.schema_}/{f.version} is not {CONSENT_SCHEMA}/{CONSENT_VERSION}")
+    return f.records
+
+
+def _save(session_dir: Path, records: list[ConsentRecord]) -> None:
+    doc = ConsentFile(records=records).model_dump(mode="json", by_alias=True)
+    atomic_write_json(Path(session_dir) / CONSENT_FILE, doc)
+
+
+def add_consent(session_dir: Path | str, record: ConsentRecord) -> ConsentRecord:
+    """Append a consent record to the session (the folder is created if needed)."""
+    session_dir = Path(session_dir)
+    records = load_consents(session_dir)
+    if any(r.subject_id != record.subject_id for r in records):
+        raise ConsentError(f"session {session_dir} holds consent for subject {records[0].subject_id!r}, "
+                           f"not {record.subject_id!r}", subject=record.subject_id)
+    session_dir.mkdir(parents=True, exist_ok=True)
+    _save(session_dir, [*records, record])
+    return record
+
+
+def revoke_consent(session_dir: Path | str, reason: str, consent_id: str | None = None,
+                   when: dt.datetime | None = None) -> list[ConsentRecord]:
+    """Mark the session's records (or one) revoked; returns the records revoked."""
+    records = load_consents(session_dir)
+    when = when or dt.datetime.now(dt.timezone.utc)
+    hit = [r for r in records if r.revoked_at is None and (consent_id is None or r.consent_id == consent_id)]
+    if not hit:
+        raise ConsentError(f"no consent in force to revoke in {session_dir}"
+                           + (f" with id {consent_id}" if consent_id else ""))
+    for r in hit:
+        r.revoked_at = when
+        r.revocation_reason = reason
+    _save(Path(session_dir), records)
+    return hit
+
+
+def require_consent(session_dir: Path | str, scope: str, on: dt.date | None = None) -> ConsentRecord:
+    """The record that allows ``scope`` today (or on ``on``); raises ConsentError saying why not."""
+    if scope not in SCOPES:
+        raise ValueError(f"unknown consent scope {scope!r}")
+    on = on or dt.date.today()
+    records = load_consents(session_dir)
+    if not records:
+        raise ConsentError(f"no consent recorded for session {session_dir}: record it first with "
+                           f"'twinstudio consent add --session {session_dir} ...'", scope=scope)
+    problems = []
+    for r in records:
+        p = r.problem(scope, on)
+        if p is None:
+            return r
+        problems.append(p)
+    raise ConsentError(f"no consent in force covers {scope!r} on {on}: " + "; ".join(problems), scope=scope)
+
+
+def sha256_of_document(path: Path | str) -> str:
+    """sha256 of the signed consent document (PDF, scan, ...)."""
+    from rigs.fileio import sha256_file
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConsentError(f"consent document {p} does not exist", path=str(p))
+    return sha256_file(p)

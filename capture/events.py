@@ -1,0 +1,67 @@
+"""Events a capture emits while it runs. The dashboard and the plain logger consume
+them; the core never imports a UI."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+CameraState = Literal["idle", "firing", "ok", "retrying", "failed", "missing", "disconnected"]
+
+
+@dataclass(frozen=True)
+class TakeStarted:
+    take: str
+    kind: str
+    cameras: tuple[str, ...]
+    frames: int  # frames per camera in this take
+
+
+@dataclass(frozen=True)
+class CameraUpdate:
+    """A camera's state after a shot (or an attempt)."""
+
+    camera: str
+    state: CameraState
+    take: str
+    frame: int
+    latency_s: float | None = None  # trigger to file on disk
+    battery_pct: float | None = None
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class TakeProgress:
+    take: str
+    done: int  # frames on disk (all cameras)
+    total: int
+    missing: int = 0
+
+
+@dataclass(frozen=True)
+class QAWarning:
+    take: str
+    camera: str
+    frame: int
+    message: str
+
+
+@dataclass(frozen=True)
+class Message:
+    """Something the technician should read (lights set, prompts, take summaries)."""
+
+    text: str
+    level: Literal["info", "warning", "error"] = "info"
+
+
+@dataclass(frozen=True)
+class TakeFinished:
+    take: str
+    status: str  # "complete" | "incomplete"
+    frames: int
+    missing: tuple[str, ...]  # "camera/frame" of the frames still missing
+    skew_s: float | None  # worst trigger skew across cameras over the take's frames
+    seconds: float
+
+
+CaptureEvent = TakeStarted | CameraUpdate | TakeProgress | QAWarning | Message | TakeFinished

@@ -1,0 +1,419 @@
+"""Runs takes: consent and disk checks, the settings guard, lights, and all
+cameras fired in parallel from one worker process per camera.
+
+A take's frames are fired one after another; for each frame every camera is
+told to shoot at once, and results are journaled as they arrive (one fsync
+per batch of arrivals). A camera that fails is retried with backoff by its
+worker; one that still fails is recorded as failed for that frame and the
+other cameras' frames are kept; ``reshoot`` fires only the missing ones.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import shutil
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from multiprocessing.connection import wait
+from pathlib import Path
+
+from capture.consent import require_consent
+from capture.events import CameraUpdate, CaptureEvent, Message, QAWarning, TakeFinished, TakeProgress, TakeStarted
+from capture.qa import take_qa_flags
+from capture.session import FramePlan, Session, TakeRecord, recover
+from capture.worker import camera_worker
+from rigs.drivers import light_driver
+from rigs.drivers.base import DriverOptions
+from rigs.errors import TwinstudioError
+from rigs.rigfile import CameraSpec, Rig
+
+EventSink = Callable[[CaptureEvent], None]
+KINDS = ("calibration", "stills", "motion")
+
+
+class CaptureError(TwinstudioError):
+    """A take cannot start or cannot go on (exit code 2): disk space, settings, no cameras."""
+
+    exit_code = 2
+
+
+@dataclass(frozen=True)
+class CaptureOptions:
+    """How takes run. Driver fault injection applies to virtual cameras only."""
+
+    latency_s: float = 0.0
+    jitter_s: float = 0.0
+    failure_rate: float = 0.0
+    disconnect_after: int | None = None
+    source: str = "render"  # virtual cameras: "render" (the virtual studio) or "pattern"
+    seed: int = 0
+    extra: dict[str, str] = field(default_factory=dict)
+    frames: int | None = None  # motion frames (default: the rig's)
+    qa: bool = True
+    check_disk: bool = True
+    start_method: str = "fork"  # worker processes: fork starts hundreds quickly on Linux
+    render_scale: float = 1.0  # virtual studio render scale (tests use small images)
+    prompt: Callable[[str], None] | None = None  # hardware calibration: wait for the technician
+
+
+def plan_frames(rig: Rig, kind: str, options: CaptureOptions) -> list[FramePlan]:
+    """The frames of a take of ``kind`` for this rig."""
+    if kind == "calibration":
+        return [FramePlan(index=i, board_index=i) for i in range(rig.calibration.poses)]
+    if kind == "stills":
+        steps = rig.preset_steps()
+        if not steps:
+            return [FramePlan(index=0, clip_frame=0)]
+        return [FramePlan(index=i, step=s.name, clip_frame=0) for i, s in enumerate(steps)]
+    if kind == "motion":
+        n = options.frames or rig.motion.frames
+        preset = rig.motion_preset
+        step = rig.preset_steps(preset)[0].name if preset else ""
+        return [FramePlan(index=i, step=step, clip_frame=i, time=i / rig.motion.fps) for i in range(n)]
+    raise CaptureError(f"unknown take kind {kind!r}; use one of {', '.join(KINDS)}")
+
+
+def estimate_take_bytes(rig: Rig, cameras: Iterable[CameraSpec], frames: int) -> int:
+    """A generous estimate of a take's size on disk (JPEG ~1 byte/pixel, PNG 3 bytes/pixel)."""
+    per = sum(c.resolution[0] * c.resolution[1] * (3 if c.format == "png" else 1) for c in cameras)
+    return int(per * frames * 1.2)
+
+
+def check_disk(path: Path, needed: int) -> None:
+    free = shutil.disk_usage(path).free
+    if free < needed:
+        raise CaptureError(f"not enough disk space in {path}: the take needs about {needed / 1e9:.2f} GB, "
+                           f"{free / 1e9:.2f} GB are free", needed_bytes=needed, free_bytes=free)
+
+
+class CameraPool:
+    """One worker process per camera. A context manager: workers are closed on exit."""
+
+    def __init__(self, rig: Rig, cameras: list[CameraSpec], driver_options: DriverOptions,
+                 start_method: str = "fork") -> None:
+        self.rig = rig
+        self.specs = {c.id: c for c in cameras}
+        self.driver_options = driver_options
+        self.ctx = mp.get_context(start_method)
+        self.conns: dict[str, object] = {}
+        self.procs: dict[str, mp.Process] = {}
+        self.unavailable: dict[str, str] = {}
+
+    def __enter__(self) -> CameraPool:
+        for cid, spec in self.specs.items():
+            parent, child = self.ctx.Pipe()
+            p = self.ctx.Process(target=camera_worker, args=(spec.model_dump_json(), self.driver_options, child),
+                                 name=f"camera-{cid}", daemon=True)
+            p.start()
+            child.close()
+            self.conns[cid], self.procs[cid] = parent, p
+        deadline = time.monotonic() + max(self.rig.trigger.timeout, 5.0) + 0.05 * len(self.specs)
+        pending = dict(self.conns)
+        while pending:
+            ready = wait(list(pending.values()), timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                break
+            for cid in [c for c, conn in pending.items() if conn in ready]:
+                try:
+                    msg = pending.pop(cid).recv()
+                except EOFError:
+                    msg = ("error", "worker exited")
+                if msg[0] != "ready":
+                    self.unavailable[cid] = msg[1]
+        for cid in pending:
+            self.unavailable[cid] = "did not open in time"
+        for cid in self.unavailable:
+            self._stop(cid)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for cid in list(self.conns):
+            self._stop(cid)
+
+    def _stop(self, cid: str) -> None:
+        conn, proc = self.conns.pop(cid, None), self.procs.pop(cid, None)
+        if conn is not None:
+            try:
+                conn.send(("close",))
+            except (OSError, BrokenPipeError):
+                pass
+        if proc is not None:
+            proc.join(timeout=5)
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(timeout=2)
+        if conn is not None:
+            conn.close()
+
+    @property
+    def cameras(self) -> list[str]:
+        return list(self.conns)
+
+    def request_all(self, message: tuple, cameras: Iterable[str] | None = None,
+                    timeout: float = 30.0) -> dict[str, tuple]:
+        """Send one command to cameras and wait for every reply."""
+        cams = [c for c in (cameras or self.cameras) if c in self.conns]
+        for c in cams:
+            self.conns[c].send(message)
+        return {c: r for c, r in self.replies(cams, timeout)}
+
+    def replies(self, cameras: list[str], timeout: float):
+        """Yield (camera, reply) as replies arrive; ("timeout",) for cameras that never answer.
+
+        ``retry`` notices are passed through; the final reply of a camera ends its wait.
+        """
+        by_conn = {self.conns[c]: c for c in cameras}
+        deadline = time.monotonic() + timeout
+        while by_conn:
+            ready = wait(list(by_conn), timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                break
+            for conn in ready:
+                cid = by_conn[conn]
+                try:
+                    msg = conn.recv()
+                except EOFError:
+                    msg = ("shot", {"ok": False, "error": "worker died", "attempts": 0, "disconnected": True})
+                    del by_conn[conn]
+                    yield cid, msg
+                    continue
+                if msg[0] != "retry":
+                    del by_conn[conn]
+                yield cid, msg
+        for cid in by_conn.values():
+            yield cid, ("timeout",)
+
+
+def _lights(rig: Rig, opts: DriverOptions):
+    groups: dict[str, list] = {}
+    for light in rig.lights:
+        groups.setdefault(light.driver, []).append(light)
+    return [light_driver(name, lights, opts) for name, lights in groups.items()]
+
+
+def _driver_options(session: Session, rig: Rig, kind: str, options: CaptureOptions,
+                    on_event: EventSink | None) -> DriverOptions:
+    render_dir = None
+    if rig.is_virtual and options.source == "render":
+        render_dir = session.path / ".virtual" / kind
+        if not (render_dir / "render.json").exists():
+            from rigs.virtual.render import RenderOptions, run_render
+
+            if on_event:
+                on_event(Message(f"virtual studio: rendering the {kind} take for {len(rig.camera_specs)} cameras"))
+            run_render(session.path / "rig.toml", render_dir,
+                       RenderOptions(takes=(kind,), frames=options.frames, scale=options.render_scale,
+                                     ground_truth=True))
+    return DriverOptions(rig=rig, session_dir=str(session.path), latency_s=options.latency_s,
+                         jitter_s=options.jitter_s, failure_rate=options.failure_rate,
+                         disconnect_after=options.disconnect_after, source=options.source,
+                         render_dir=str(render_dir) if render_dir else None, seed=options.seed,
+                         extra=dict(options.extra))
+
+
+def run_take(session: Session, kind: str, options: CaptureOptions = CaptureOptions(), *,
+             on_event: EventSink | None = None) -> TakeRecord:
+    """Shoot a new take of ``kind`` ("calibration", "stills", "motion"); returns its record."""
+    rig = session.rig
+    require_consent(session.path, "capture")
+    frames = plan_frames(rig, kind, options)
+    if options.check_disk:
+        check_disk(session.path, estimate_take_bytes(rig, rig.camera_specs, len(frames)))
+    drv = _driver_options(session, rig, kind, options, on_event)
+    take_id = session.next_take_id(kind)
+    session.record([{"ev": "take_start", "take": take_id, "kind": kind,
+                     "cameras": [c.id for c in rig.camera_specs],
+                     "frames": [f.model_dump() for f in frames], "t": time.time()}])
+    return _shoot_take(session, take_id, None, drv, options, on_event)
+
+
+def reshoot(session: Session, take_id: str, options: CaptureOptions = CaptureOptions(), *,
+            on_event: EventSink | None = None) -> TakeRecord:
+    """Fire only the cameras and frames a take is missing."""
+    take = session.take(take_id)
+    require_consent(session.path, "capture")
+    missing = take.missing()
+    if not missing:
+        if on_event:
+            on_event(Message(f"{take_id} has no missing frames: nothing to reshoot"))
+        return take
+    rig = session.rig
+    if options.check_disk:
+        specs = [s for s in rig.camera_specs if s.id in {c for c, _ in missing}]
+        check_disk(session.path, estimate_take_bytes(rig, specs, len(take.frames)))
+    drv = _driver_options(session, rig, take.kind, options, on_event)
+    session.record([{"ev": "take_reopen", "take": take_id, "t": time.time()}])
+    return _shoot_take(session, take_id, set(missing), drv, options, on_event)
+
+
+def resume(session: Session, options: CaptureOptions = CaptureOptions(), *,
+           on_event: EventSink | None = None) -> dict:
+    """After a crash: rebuild from journal + files, then complete the takes that were interrupted."""
+    counts = recover(session)
+    if on_event:
+        on_event(Message(f"recovered: {counts['adopted']} frame(s) adopted from disk, "
+                         f"{counts['discarded']} half-written file(s) discarded, {counts['lost']} lost"))
+    completed = []
+    for take in list(session.manifest.takes.values()):
+        if take.status == "open":
+            reshoot(session, take.id, options, on_event=on_event)
+            completed.append(take.id)
+    session.save()
+    return {**counts, "completed": completed}
+
+
+def _shoot_take(session: Session, take_id: str, only: set[tuple[str, int]] | None, drv: DriverOptions,
+                options: CaptureOptions, on_event: EventSink | None) -> TakeRecord:
+    rig = drv.rig
+    take = session.take(take_id)
+    emit = on_event or (lambda ev: None)
+    wanted = {c for c, _ in only} if only is not None else set(take.cameras)
+    specs = [s for s in rig.camera_specs if s.id in wanted]
+    todo = [f for f in take.frames if only is None or any((c, f.index) in only for c in wanted)]
+    total = sum(1 for c in wanted for f in todo if only is None or (c, f.index) in only)
+    done = 0
+    t_start = time.time()
+    emit(TakeStarted(take_id, take.kind, tuple(s.id for s in specs), len(todo)))
+    steps = {s.name: s for s in rig.preset_steps()}
+    qa = rig.qa.model_dump() if options.qa else None
+    lights = _lights(rig, drv)
+    try:
+        for lt in lights:
+            lt.open()
+        with CameraPool(rig, specs, drv, options.start_method) as pool:
+            for cid, why in pool.unavailable.items():
+                session.record([{"ev": "frame_failed", "take": take_id, "camera": cid, "frame": f.index,
+                                 "error": f"camera unavailable: {why}", "t": time.time()} for f in todo])
+                emit(CameraUpdate(cid, "disconnected", take_id, -1, error=why))
+            _settings_guard(session, rig, pool, emit)
+            current_step = None
+            t0 = time.monotonic()
+            for f in todo:
+                cams = [c for c in pool.cameras if only is None or (c, f.index) in only]
+                if not cams:
+                    continue
+                if f.step and f.step != current_step:
+                    for lt in lights:
+                        lt.apply({k: v for k, v in steps[f.step].levels.items()
+                                  if k in {light.id for light in lt.lights}})
+                    emit(Message(f"lights: {f.step}"))
+                    time.sleep(rig.trigger.settle)
+                    current_step = f.step
+                if take.kind == "calibration" and not rig.is_virtual and options.prompt:
+                    options.prompt(f"place the board for pose {f.index + 1}/{len(take.frames)}, then continue")
+                if take.kind == "motion" and only is None:
+                    delay = t0 + f.time - time.monotonic()
+                    if delay > 0:
+                        time.sleep(delay)
+                done = _fire(session, pool, take, f, cams, qa, emit, done, total)
+        take = session.take(take_id)
+        missing = take.missing()
+        skew = take.trigger_skew()
+        flags = take_qa_flags(missing, skew, rig.qa)
+        status = "complete" if not missing else "incomplete"
+        session.record([{"ev": "take_end", "take": take_id, "status": status, "skew_s": skew,
+                         "qa_flags": flags, "t": time.time()}])
+        session.save()
+    finally:
+        for lt in lights:
+            lt.close()
+    emit(TakeFinished(take_id, status, sum(len(v) for v in take.captured.values()),
+                      tuple(f"{c}/{i}" for c, i in missing), skew, time.time() - t_start))
+    return session.take(take_id)
+
+
+def _fire(session: Session, pool: CameraPool, take: TakeRecord, f: FramePlan, cams: list[str], qa,
+          emit: EventSink, done: int, total: int) -> int:
+    """Fire one frame on the cameras; journal results as they arrive. Returns frames done so far."""
+    rig = pool.rig
+    request = {"take_id": take.id, "kind": take.kind, "frame": f.index, "step": f.step,
+               "clip_frame": f.clip_frame, "board_index": f.board_index}
+    retries, backoff = rig.trigger.retries, rig.trigger.backoff
+    for c in cams:
+        emit(CameraUpdate(c, "firing", take.id, f.index))
+        pool.conns[c].send(("shoot", request, str(session.frame_stem(take.id, c, f.index)), retries, backoff, qa))
+    timeout = rig.trigger.timeout * (retries + 1) + backoff * 2 ** (retries + 1) + 5.0
+    batch: list[dict] = []
+    updates: list[CaptureEvent] = []
+    replies = pool.replies(cams, timeout)
+    pending = len(cams)
+    for cid, msg in replies:
+        if msg[0] == "retry":
+            updates.append(CameraUpdate(cid, "retrying", take.id, f.index, error=msg[1]["error"]))
+        else:
+            pending -= 1
+            res = msg[1] if msg[0] == "shot" else {"ok": False, "error": "no answer (timeout)", "attempts": 0}
+            if res["ok"]:
+                rec = {k: res.get(k) for k in ("sha256", "size", "trigger_time", "exposure_s", "download_s",
+                                                "attempts", "qa")}
+                rec["path"] = Path(res["path"]).relative_to(session.path).as_posix()
+                batch.append({"ev": "frame", "take": take.id, "camera": cid, "frame": f.index, "record": rec})
+                updates.append(CameraUpdate(cid, "ok", take.id, f.index, latency_s=res.get("latency_s"),
+                                            battery_pct=res.get("battery_pct")))
+                for flag in (res.get("qa") or {}).get("flags", []):
+                    updates.append(QAWarning(take.id, cid, f.index, flag))
+            else:
+                state = "disconnected" if res.get("disconnected") else "failed"
+                batch.append({"ev": "frame_failed", "take": take.id, "camera": cid, "frame": f.index,
+                              "error": res["error"]})
+                updates.append(CameraUpdate(cid, state, take.id, f.index, error=res["error"]))
+        if batch and (pending == 0 or not _more_ready(pool, cams)):
+            # group commit: one fsync for every result that has arrived, then the events
+            now = time.time()
+            session.record([{**e, "t": now} for e in batch])
+            done += sum(1 for e in batch if e["ev"] == "frame")
+            batch = []
+            for ev in updates:
+                emit(ev)
+            updates = []
+            emit(TakeProgress(take.id, done, total))
+    for ev in updates:
+        emit(ev)
+    return done
+
+
+def _more_ready(pool: CameraPool, cams: list[str]) -> bool:
+    conns = [pool.conns[c] for c in cams if c in pool.conns]
+    return bool(conns) and bool(wait(conns, timeout=0))
+
+
+def _settings_guard(session: Session, rig: Rig, pool: CameraPool, emit: EventSink) -> None:
+    """Read every camera's settings back; correct mismatches; block the take if any remain."""
+    profiles = {s.id: (rig.model.profiles.get(s.profile) if s.profile else None) for s in rig.camera_specs}
+    cams = [c for c in pool.cameras if profiles.get(c) is not None]
+    if not cams:
+        return
+    read = pool.request_all(("read_settings",), cams)
+    wrong = {c: _mismatch(profiles[c], r) for c, r in read.items()}
+    wrong = {c: m for c, m in wrong.items() if m}
+    if wrong:
+        fixed = {}
+        for c in wrong:
+            pool.conns[c].send(("configure", profiles[c].model_dump()))
+        for c, r in pool.replies(list(wrong), rig.trigger.timeout):
+            fixed[c] = r
+        still = {c: _mismatch(profiles[c], r) for c, r in fixed.items()}
+        still = {c: m for c, m in still.items() if m}
+        session.record([{"ev": "settings", "camera": c, "readback": r[1] if r[0] == "settings" else {},
+                         "corrected": c not in still, "t": time.time()} for c, r in fixed.items()])
+        corrected = sorted(set(wrong) - set(still))
+        if corrected:
+            emit(Message(f"settings corrected on {', '.join(corrected)}", "warning"))
+        if still:
+            lines = "; ".join(f"{c}: " + ", ".join(still[c]) for c in sorted(still))
+            raise CaptureError(f"take blocked: camera settings differ from the rig's profile and could not "
+                               f"be corrected: {lines}", cameras=sorted(still))
+
+
+def _mismatch(profile, reply: tuple) -> list[str]:
+    if reply[0] != "settings":
+        return [f"cannot read settings ({reply[1] if len(reply) > 1 else reply[0]})"]
+    want = {"shutter": profile.shutter, "aperture": profile.aperture, "iso": str(profile.iso),
+            "white_balance": profile.white_balance, "image_format": profile.image_format}
+    got = reply[1]
+    return [f"{k} is {got[k]!r}, profile says {v!r}" for k, v in want.items() if k in got and got[k] != v]
+
+
+__all__ = ["CameraPool", "CaptureError", "CaptureOptions", "estimate_take_bytes", "plan_frames", "reshoot",
+           "resume", "run_take"]
