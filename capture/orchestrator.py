@@ -286,7 +286,13 @@ def _shoot_take(session: Session, take_id: str, only: set[tuple[str, int]] | Non
                 session.record([{"ev": "frame_failed", "take": take_id, "camera": cid, "frame": f.index,
                                  "error": f"camera unavailable: {why}", "t": time.time()} for f in todo])
                 emit(CameraUpdate(cid, "disconnected", take_id, -1, error=why))
-            _settings_guard(session, rig, pool, emit)
+            try:
+                _settings_guard(session, rig, pool, emit)
+            except CaptureError:
+                session.record([{"ev": "take_end", "take": take_id, "status": "blocked", "skew_s": None,
+                                 "qa_flags": ["blocked by the settings guard"], "t": time.time()}])
+                session.save()
+                raise
             current_step = None
             t0 = time.monotonic()
             for f in todo:

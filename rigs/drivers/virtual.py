@@ -58,14 +58,13 @@ class VirtualCamera:
         elif o.source != "pattern":
             raise DriverError(f"unknown virtual source {o.source!r} (render, pattern)", camera=self.spec.id,
                               driver="virtual", transient=False)
-        # what a real body would report before anyone touched it
-        self._found = {"shutter": "1/60", "aperture": "f/5.6", "iso": "400", "white_balance": "Auto",
+        # what the body reports before the take configures it (restored by close)
+        self._found = {"shutter": "1/60", "aperture": "f/5.6", "iso": "3200", "white_balance": "Auto",
                        "image_format": "JPEG Fine"}
         self._settings = dict(self._found)
-        # injected faults: a body whose ISO dial gets bumped after a shot (the settings guard must
-        # notice before the next take), and one whose dial is stuck (configure cannot fix it)
-        self._drift = self.spec.id in o.extra.get("virtual_settings_drift", "").split(",")
-        self._stuck = self._drift and o.extra.get("virtual_settings_stuck") == "1"
+        # injected faults (extra): "virtual_disconnect" limits disconnect_after to some cameras;
+        # "virtual_settings_stuck" names bodies whose ISO dial is stuck at 3200 (configure cannot fix it)
+        self._stuck = self.spec.id in o.extra.get("virtual_settings_stuck", "").split(",")
         self._open = True
 
     def configure(self, profile: SettingsProfile | None) -> None:
@@ -84,7 +83,8 @@ class VirtualCamera:
     def trigger(self, request: ShotRequest) -> TriggerInfo:
         self._check_connected()
         o = self.options
-        if o.disconnect_after is not None and self._shots >= o.disconnect_after:
+        if (o.disconnect_after is not None and self._shots >= o.disconnect_after
+                and self.spec.id in o.extra.get("virtual_disconnect", self.spec.id).split(",")):
             self._open = False
             raise DriverError("camera disconnected (USB)", camera=self.spec.id, driver="virtual",
                               transient=False, disconnected=True)
@@ -96,8 +96,6 @@ class VirtualCamera:
             raise DriverError("capture failed (simulated: camera busy)", camera=self.spec.id, driver="virtual")
         self._shots += 1
         self._pending = (request, t0)
-        if self._drift:
-            self._settings["iso"] = "3200"
         return TriggerInfo(time=t0, exposure_s=_exposure_of(self._settings.get("shutter")))
 
     def fetch(self) -> FetchedFile:
