@@ -59,6 +59,10 @@ def write_frame(stem: Path, ext: str, data: bytes) -> tuple[Path, str]:
 def camera_worker(spec_json: str, options: DriverOptions, conn) -> None:
     """Entry point of a camera's worker process."""
     spec = CameraSpec.model_validate_json(spec_json)
+    # driver environment (e.g. libgphoto2's IOLIBS/VCAMERADIR), set before the driver's library loads
+    for key, value in options.extra.items():
+        if key.startswith("env."):
+            os.environ[key[4:]] = value
     try:
         driver = camera_driver(spec, options)
         driver.open()
