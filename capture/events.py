@@ -18,6 +18,16 @@ class TakeStarted:
 
 
 @dataclass(frozen=True)
+class FrameStarted:
+    """A frame is about to be fired on ``cameras`` cameras (emitted just before the commands go out)."""
+
+    take: str
+    frame: int
+    cameras: int
+    step: str = ""
+
+
+@dataclass(frozen=True)
 class CameraUpdate:
     """A camera's state after a shot (or an attempt)."""
 
@@ -64,4 +74,4 @@ class TakeFinished:
     seconds: float
 
 
-CaptureEvent = TakeStarted | CameraUpdate | TakeProgress | QAWarning | Message | TakeFinished
+CaptureEvent = TakeStarted | FrameStarted | CameraUpdate | TakeProgress | QAWarning | Message | TakeFinished

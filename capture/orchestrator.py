@@ -11,6 +11,7 @@ other cameras' frames are kept; ``reshoot`` fires only the missing ones.
 from __future__ import annotations
 
 import multiprocessing as mp
+import selectors
 import shutil
 import time
 from collections.abc import Callable, Iterable
@@ -19,7 +20,7 @@ from multiprocessing.connection import wait
 from pathlib import Path
 
 from capture.consent import require_consent
-from capture.events import CameraUpdate, CaptureEvent, Message, QAWarning, TakeFinished, TakeProgress, TakeStarted
+from capture.events import CameraUpdate, CaptureEvent, FrameStarted, Message, QAWarning, TakeFinished, TakeProgress, TakeStarted
 from capture.qa import take_qa_flags
 from capture.session import FramePlan, Session, TakeRecord, recover
 from capture.worker import camera_worker
@@ -99,6 +100,7 @@ class CameraPool:
         self.conns: dict[str, object] = {}
         self.procs: dict[str, mp.Process] = {}
         self.unavailable: dict[str, str] = {}
+        self._selector: selectors.BaseSelector | None = None
 
     def __enter__(self) -> CameraPool:
         for cid, spec in self.specs.items():
@@ -161,28 +163,44 @@ class CameraPool:
     def replies(self, cameras: list[str], timeout: float):
         """Yield (camera, reply) as replies arrive; ("timeout",) for cameras that never answer.
 
-        ``retry`` notices are passed through; the final reply of a camera ends its wait.
+        ``retry`` notices are passed through; the final reply of a camera ends its wait. One epoll
+        selector per call: hundreds of cameras cost one registration each, not one per wake-up.
         """
-        by_conn = {self.conns[c]: c for c in cameras}
+        sel = selectors.DefaultSelector()
+        for c in cameras:
+            sel.register(self.conns[c], selectors.EVENT_READ, c)
+        self._selector = sel
+        left = len(cameras)
         deadline = time.monotonic() + timeout
-        while by_conn:
-            ready = wait(list(by_conn), timeout=max(0.0, deadline - time.monotonic()))
-            if not ready:
-                break
-            for conn in ready:
-                cid = by_conn[conn]
-                try:
-                    msg = conn.recv()
-                except EOFError:
-                    msg = ("shot", {"ok": False, "error": "worker died", "attempts": 0, "disconnected": True})
-                    del by_conn[conn]
+        try:
+            while left:
+                ready = sel.select(timeout=max(0.0, deadline - time.monotonic()))
+                if not ready:
+                    break
+                for key, _ in ready:
+                    cid = key.data
+                    try:
+                        msg = key.fileobj.recv()
+                    except EOFError:
+                        msg = ("shot", {"ok": False, "error": "worker died", "attempts": 0, "disconnected": True})
+                    if msg[0] != "retry":
+                        sel.unregister(key.fileobj)
+                        left -= 1
                     yield cid, msg
-                    continue
-                if msg[0] != "retry":
-                    del by_conn[conn]
-                yield cid, msg
-        for cid in by_conn.values():
-            yield cid, ("timeout",)
+            for key in list(sel.get_map().values()):
+                yield key.data, ("timeout",)
+        finally:
+            self._selector = None
+            sel.close()
+
+    def fire(self, commands: dict[str, tuple]) -> None:
+        """Send every camera its shoot command, back to back (pickled once per camera)."""
+        for cid, cmd in commands.items():
+            self.conns[cid].send(("shoot", *cmd))
+
+    def more_ready(self) -> bool:
+        """Whether another reply is already waiting (inside :meth:`replies`)."""
+        return self._selector is not None and bool(self._selector.select(timeout=0))
 
 
 def _lights(rig: Rig, opts: DriverOptions):
@@ -336,9 +354,10 @@ def _fire(session: Session, pool: CameraPool, take: TakeRecord, f: FramePlan, ca
     request = {"take_id": take.id, "kind": take.kind, "frame": f.index, "step": f.step,
                "clip_frame": f.clip_frame, "board_index": f.board_index}
     retries, backoff = rig.trigger.retries, rig.trigger.backoff
+    emit(FrameStarted(take.id, f.index, len(cams), f.step))
+    pool.fire({c: (request, str(session.frame_stem(take.id, c, f.index)), retries, backoff, qa) for c in cams})
     for c in cams:
         emit(CameraUpdate(c, "firing", take.id, f.index))
-        pool.conns[c].send(("shoot", request, str(session.frame_stem(take.id, c, f.index)), retries, backoff, qa))
     timeout = rig.trigger.timeout * (retries + 1) + backoff * 2 ** (retries + 1) + 5.0
     batch: list[dict] = []
     updates: list[CaptureEvent] = []
@@ -364,7 +383,7 @@ def _fire(session: Session, pool: CameraPool, take: TakeRecord, f: FramePlan, ca
                 batch.append({"ev": "frame_failed", "take": take.id, "camera": cid, "frame": f.index,
                               "error": res["error"]})
                 updates.append(CameraUpdate(cid, state, take.id, f.index, error=res["error"]))
-        if batch and (pending == 0 or not _more_ready(pool, cams)):
+        if batch and (pending == 0 or not pool.more_ready()):
             # group commit: one fsync for every result that has arrived, then the events
             now = time.time()
             session.record([{**e, "t": now} for e in batch])
@@ -377,11 +396,6 @@ def _fire(session: Session, pool: CameraPool, take: TakeRecord, f: FramePlan, ca
     for ev in updates:
         emit(ev)
     return done
-
-
-def _more_ready(pool: CameraPool, cams: list[str]) -> bool:
-    conns = [pool.conns[c] for c in cams if c in pool.conns]
-    return bool(conns) and bool(wait(conns, timeout=0))
 
 
 def _settings_guard(session: Session, rig: Rig, pool: CameraPool, emit: EventSink) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -35,12 +36,20 @@ from rigs.rigfile import CameraSpec, QASettings, SettingsProfile
 def write_frame(stem: Path, ext: str, data: bytes) -> tuple[Path, str]:
     """Write captured bytes once: temp file, fsync, rename, fsync the folder; returns (path, sha256).
 
-    Refuses to overwrite: captured pixels are never rewritten.
+    Refuses to overwrite: captured pixels are never rewritten. Large frames are hashed in a
+    second thread while they are written (hashlib releases the GIL), so the two overlap.
     """
     path = stem.with_name(f"{stem.name}.{ext}")
     if path.exists():
         raise FileExistsError(f"{path} already exists; captured files are never rewritten")
     path.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    hasher = None
+    if len(data) >= _THREADED_HASH_BYTES:
+        hasher = threading.Thread(target=digest.update, args=(data,))
+        hasher.start()
+    else:
+        digest.update(data)
     tmp = path.with_name(path.name + TMP_SUFFIX)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
@@ -51,14 +60,24 @@ def write_frame(stem: Path, ext: str, data: bytes) -> tuple[Path, str]:
         os.fsync(fd)
     finally:
         os.close(fd)
+        if hasher is not None:
+            hasher.join()
     os.replace(tmp, path)
     fsync_dir(path.parent)
-    return path, hashlib.sha256(data).hexdigest()
+    return path, digest.hexdigest()
+
+
+#: workers run slightly below the orchestrator's priority
+_WORKER_NICENESS = 2
+#: frames at least this large are hashed in a thread while being written
+_THREADED_HASH_BYTES = 1 << 20
 
 
 def camera_worker(spec_json: str, options: DriverOptions, conn) -> None:
     """Entry point of a camera's worker process."""
     spec = CameraSpec.model_validate_json(spec_json)
+    # the orchestrator must win the CPU when hundreds of workers wake at once: it fires and collects
+    os.nice(_WORKER_NICENESS)
     # driver environment (e.g. libgphoto2's IOLIBS/VCAMERADIR), set before the driver's library loads
     for key, value in options.extra.items():
         if key.startswith("env."):
