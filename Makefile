@@ -40,6 +40,7 @@ test-all: setup
 
 bench: setup
 	$(PY) benchmarks/render.py
+	$(PY) benchmarks/capture.py
 
 clean:
 	rm -rf out .pytest_cache

@@ -210,19 +210,46 @@ def _lights(rig: Rig, opts: DriverOptions):
     return [light_driver(name, lights, opts) for name, lights in groups.items()]
 
 
+def prepare_virtual_studio(session: Session, kinds: tuple[str, ...], options: CaptureOptions,
+                           on_event: EventSink | None = None) -> Path:
+    """Render the virtual studio for several kinds of take in one pass (each camera's rays and
+    backdrop are then computed once) into ``<session>/.virtual/studio``; returns that folder."""
+    from rigs.virtual.render import RenderOptions, run_render
+
+    rig = session.rig
+    out = session.path / ".virtual" / "studio"
+    if not (out / "render.json").exists():
+        if on_event:
+            on_event(Message(f"virtual studio: rendering {', '.join(kinds)} for {len(rig.camera_specs)} cameras"))
+        run_render(session.path / "rig.toml", out,
+                   RenderOptions(takes=tuple(kinds), frames=options.frames, scale=options.render_scale))  # type: ignore[arg-type]
+    return out
+
+
+def _render_dir_for(session: Session, kind: str, options: CaptureOptions, on_event: EventSink | None) -> Path:
+    """A virtual-studio render holding ``kind``: the shared one when it has it, else one of its own."""
+    import json
+
+    shared = session.path / ".virtual" / "studio" / "render.json"
+    if shared.exists() and kind in {t["kind"] for t in json.loads(shared.read_text())["takes"]}:
+        return shared.parent
+    own = session.path / ".virtual" / kind
+    if not (own / "render.json").exists():
+        from rigs.virtual.render import RenderOptions, run_render
+
+        if on_event:
+            on_event(Message(f"virtual studio: rendering the {kind} take for {len(session.rig.camera_specs)} "
+                             "cameras"))
+        run_render(session.path / "rig.toml", own,
+                   RenderOptions(takes=(kind,), frames=options.frames, scale=options.render_scale))  # type: ignore[arg-type]
+    return own
+
+
 def _driver_options(session: Session, rig: Rig, kind: str, options: CaptureOptions,
                     on_event: EventSink | None) -> DriverOptions:
     render_dir = None
     if rig.is_virtual and options.source == "render":
-        render_dir = session.path / ".virtual" / kind
-        if not (render_dir / "render.json").exists():
-            from rigs.virtual.render import RenderOptions, run_render
-
-            if on_event:
-                on_event(Message(f"virtual studio: rendering the {kind} take for {len(rig.camera_specs)} cameras"))
-            run_render(session.path / "rig.toml", render_dir,
-                       RenderOptions(takes=(kind,), frames=options.frames, scale=options.render_scale,
-                                     ground_truth=True))
+        render_dir = _render_dir_for(session, kind, options, on_event)
     return DriverOptions(rig=rig, session_dir=str(session.path), latency_s=options.latency_s,
                          jitter_s=options.jitter_s, failure_rate=options.failure_rate,
                          disconnect_after=options.disconnect_after, source=options.source,
@@ -435,5 +462,5 @@ def _mismatch(profile, reply: tuple) -> list[str]:
     return [f"{k} is {got[k]!r}, profile says {v!r}" for k, v in want.items() if k in got and got[k] != v]
 
 
-__all__ = ["CameraPool", "CaptureError", "CaptureOptions", "estimate_take_bytes", "plan_frames", "reshoot",
-           "resume", "run_take"]
+__all__ = ["CameraPool", "CaptureError", "CaptureOptions", "estimate_take_bytes", "plan_frames",
+           "prepare_virtual_studio", "reshoot", "resume", "run_take"]

@@ -241,7 +241,7 @@ class VirtualSettings(_Strict):
 class QASettings(_Strict):
     """Per-frame and per-take quality thresholds (capture.qa)."""
 
-    min_sharpness: float = Field(20.0, ge=0, description="variance of the Laplacian at 640 px width")
+    min_sharpness: float = Field(150.0, ge=0, description="variance of the Laplacian, sharpest tile, 640 px wide")
     max_clipped_highlights: float = Field(0.02, ge=0, le=1, description="fraction of pixels at >= 250")
     max_clipped_shadows: float = Field(0.25, ge=0, le=1, description="fraction of pixels at <= 5")
     min_coverage: float = Field(0.01, ge=0, le=1, description="fraction of the image showing the subject")

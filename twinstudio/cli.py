@@ -137,15 +137,20 @@ def rig_render(
 def demo(
     out: Annotated[Path, typer.Option("--out", help="Folder for the demo's output.")] = Path("out/demo"),
     rig: Annotated[str, typer.Option(help="Rig to run the demo on.")] = DEFAULT_RIG,
-    workers: Annotated[Optional[int], typer.Option(help="Worker processes (default: CPU cores).")] = None,
-    plain: Annotated[bool, typer.Option("--plain", help="Log lines instead of a live progress bar.")] = False,
+    scale: Annotated[float, typer.Option(help="Virtual studio resolution scale (1 = the rig's).")] = 1.0,
+    frames: Annotated[Optional[int], typer.Option(help="Motion frames (default: the rig's).")] = None,
+    plain: Annotated[bool, typer.Option("--plain", help="Log lines instead of the live dashboard.")] = False,
 ) -> None:
     """Run the pipeline on the virtual studio, no hardware needed.
 
-    For now: renders every camera of the rig under every lighting preset and
-    the motion clip, with ground truth.
+    A whole virtual session: the subject's consent, calibration (the studio
+    places the ChArUco board), stills under every lighting preset and a motion
+    take, each rendered by the virtual studio (with ground truth) and captured
+    through the same orchestrator, journal and QA as real cameras.
     """
-    _render(rig, out / "render", frames=None, takes="stills,motion", scale=1.0, workers=workers, plain=plain)
+    from twinstudio.pipeline import run_demo
+
+    run_demo(out, rig, scale=scale, frames=frames, plain=plain, console=console)
 
 
 def _render(rig_file: str, out: Path, *, frames, takes: str, scale: float, workers, plain: bool) -> None:

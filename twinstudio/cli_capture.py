@@ -217,14 +217,17 @@ def capture_run(session: SessionOpt, rig: RigOpt = None, frames: FramesOpt = Non
                 sim_disconnect_after: SimDisc = None, virtual_source: VSource = "render",
                 render_scale: RScale = 1.0) -> None:
     """The scripted session: calibrate, stills, motion."""
-    from capture.orchestrator import run_take
+    from capture.orchestrator import prepare_virtual_studio, run_take
 
     s = _open(session, rig)
     opts = _options(frames, sim_latency, sim_jitter, sim_failure_rate, sim_disconnect_after, virtual_source,
                     render_scale)
     recs = []
+    kinds = ("calibration", "stills", "motion")
     with _events(plain, session) as on_event:
-        for kind in ("calibration", "stills", "motion"):
+        if s.rig.is_virtual and virtual_source == "render":
+            prepare_virtual_studio(s, kinds, opts, on_event)
+        for kind in kinds:
             recs.append(run_take(s, kind, opts, on_event=on_event))
     for rec in recs:
         _summary(rec)

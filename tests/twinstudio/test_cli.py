@@ -90,9 +90,63 @@ def test_missing_rig_file_is_a_clear_error(tmp_path, capsys):
     assert "no such rig file" in capsys.readouterr().err
 
 
+def test_demo_small_captures_a_whole_virtual_session(tmp_path, capsys):
+    """The demo's pipeline at a small scale: consent, calibration, stills, motion, summary."""
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--scale", "0.1", "--frames", "3", "--plain"]) == 0
+    text = capsys.readouterr().out
+    for take in ("calib-001", "stills-002", "motion-003"):
+        assert take in text
+    manifest = json.loads((out / "session" / "session.json").read_text())
+    takes = manifest["takes"]
+    assert [t["status"] for t in takes.values()] == ["complete"] * 3
+    assert sum(len(f) for f in takes["motion-003"]["captured"].values()) == 24 * 3
+    assert (out / "session" / ".virtual" / "studio" / "render.json").exists()  # one render for all takes
+    # a second demo moves the first aside instead of deleting it
+    assert main(["demo", "--out", str(out), "--scale", "0.1", "--frames", "1", "--plain"]) == 0
+    assert len(list(out.glob("session.*"))) == 1
+
+
 @pytest.mark.slow
-def test_demo_renders_the_default_rig(tmp_path, capsys):
+def test_demo_full_size(tmp_path):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--plain"]) == 0
-    manifest = json.loads((out / "render" / "render.json").read_text())
-    assert len(manifest["images"]) == 24 * (8 + 24)
+    manifest = json.loads((out / "session" / "session.json").read_text())
+    assert [t["status"] for t in manifest["takes"].values()] == ["complete"] * 3
+
+
+CONSENT = ["--subject", "subj-042", "--agency", "Nova", "--scope", "capture", "--purpose", "e-commerce",
+           "--market", "EU", "--valid-until", "2099-12-31", "--compensation", "INV-1"]
+
+
+def test_capture_cli_refuses_without_consent_then_shoots_reports_and_reshoots(tmp_path, capsys):
+    s = str(tmp_path / "s")
+    assert main(["capture", "start", "--session", s, "--rig", "virtual-ring-24", "--subject", "subj-042"]) == 0
+    assert main(["capture", "stills", "--session", s, "--virtual-source", "pattern", "--plain"]) == 2
+    assert "no consent recorded" in capsys.readouterr().err
+    doc = tmp_path / "signed.pdf"
+    doc.write_bytes(b"%PDF signed consent")
+    assert main(["consent", "add", "--session", s, *CONSENT, "--document", str(doc)]) == 0
+    assert main(["consent", "show", "--session", s]) == 0
+    assert "in force" in capsys.readouterr().out
+    assert main(["capture", "stills", "--session", s, "--virtual-source", "pattern", "--plain",
+                 "--sim-failure-rate", "0.6"]) == 0
+    out = capsys.readouterr().out
+    assert "stills-001" in out and "missing" in out
+    assert main(["capture", "reshoot", "stills-001", "--session", s, "--virtual-source", "pattern", "--plain"]) == 0
+    assert main(["capture", "status", "--session", s]) == 0
+    status = capsys.readouterr().out
+    assert "stills-001" in status and "complete" in status
+    assert main(["capture", "stills", "--session", s, "--rig", "webcams-4"]) == 2  # not the session's rig
+    assert "differs" in capsys.readouterr().err
+    assert main(["consent", "revoke", "--session", s, "--reason", "withdrawn"]) == 0
+    assert main(["capture", "motion", "--session", s, "--virtual-source", "pattern", "--plain"]) == 2
+    assert "revoked" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["consent", "--help"], ["consent", "add", "--help"], ["capture", "--help"],
+                                  ["capture", "run", "--help"], ["capture", "resume", "--help"],
+                                  ["capture", "reshoot", "--help"], ["capture", "status", "--help"]])
+def test_capture_commands_have_help(argv, capsys):
+    assert main(argv) == 0
+    assert "Usage" in capsys.readouterr().out

@@ -1,0 +1,67 @@
+"""The end-to-end pipeline on the virtual studio (what ``twinstudio demo`` runs)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+DEMO_SUBJECT = "demo-subject-001"
+
+
+def run_demo(out: Path, rig: str, *, scale: float = 1.0, frames: int | None = None, plain: bool = False,
+             console: Console | None = None) -> Path:
+    """Capture a whole virtual session into ``out/session``; returns the session folder.
+
+    An earlier demo session in the same place is moved aside, never deleted.
+    """
+    from capture.consent import ConsentRecord, add_consent
+    from capture.orchestrator import CaptureOptions, prepare_virtual_studio, run_take
+    from capture.session import Session
+    from rigs.fileio import atomic_write_bytes
+    from twinstudio.cli_capture import _events
+
+    console = console or Console()
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "session"
+    if path.exists():
+        aside = out / f"session.{time.strftime('%Y%m%d-%H%M%S')}"
+        path.rename(aside)
+        console.print(f"an earlier demo session was moved to {aside}")
+    session = Session.create(path, rig, DEMO_SUBJECT)
+    letter = (f"Consent to capture and train a digital twin of {DEMO_SUBJECT} (demo, synthetic person).\\n"
+              "Scopes: capture, train, generate, share. Markets: EU, US. Until: one year from today.\\n").encode()
+    atomic_write_bytes(path / "consent-letter.txt", letter)
+    import hashlib
+
+    add_consent(path, ConsentRecord(subject_id=DEMO_SUBJECT, agency="Virtual Models Ltd",
+                                    scopes=["capture", "train", "generate", "share"],
+                                    purposes=["e-commerce", "campaign"], markets=["EU", "US"],
+                                    valid_from=dt.date.today(), valid_until=dt.date.today() + dt.timedelta(days=365),
+                                    compensation_ref="DEMO-2026-001",
+                                    document_sha256=hashlib.sha256(letter).hexdigest()))
+    opts = CaptureOptions(render_scale=scale, frames=frames)
+    t0 = time.perf_counter()
+    takes = []
+    kinds = ("calibration", "stills", "motion")
+    with _events(plain, path) as on_event:
+        prepare_virtual_studio(session, kinds, opts, on_event)
+        for kind in kinds:
+            takes.append(run_take(session, kind, opts, on_event=on_event))
+    seconds = time.perf_counter() - t0
+    table = Table(title=f"Session {path} — subject {DEMO_SUBJECT}, rig {session.manifest.rig}")
+    for col in ("take", "kind", "status", "frames", "missing", "skew ms", "QA flags", "files"):
+        table.add_column(col)
+    for t in takes:
+        flagged = sum(1 for fr in t.captured.values() for r in fr.values() if r.qa and r.qa["flags"])
+        table.add_row(t.id, t.kind, t.status, str(sum(len(v) for v in t.captured.values())), str(len(t.missing())),
+                      f"{t.skew_s * 1000:.1f}" if t.skew_s is not None else "-",
+                      "; ".join(t.qa_flags) or (f"{flagged} frame(s)" if flagged else "none"),
+                      str(path / "takes" / t.id))
+    console.print(table)
+    console.print(f"captured in {seconds:.0f} s; manifest {path / 'session.json'}, journal {path / 'journal.jsonl'}")
+    console.print(f"virtual studio renders and ground truth (depth, masks, meshes, joints): {path / '.virtual'}")
+    return path
