@@ -141,6 +141,21 @@ class Journal:
         return events
 
 
+def read_manifest(session_dir: Path | str) -> SessionManifest:
+    """Read and validate ``session.json`` (for later stages, which read sessions but never write them)."""
+    p = Path(session_dir) / "session.json"
+    try:
+        m = SessionManifest.model_validate(json.loads(p.read_text()))
+    except FileNotFoundError:
+        raise SessionError(f"{p} does not exist: not a capture session", path=str(p)) from None
+    except (ValueError, ValidationError) as e:
+        raise SessionError(f"{p}: not a valid session manifest: {e}", path=str(p)) from e
+    if m.schema_ != SESSION_SCHEMA or m.version != SESSION_VERSION:
+        raise SessionError(f"{p}: schema {m.schema_}/{m.version} is not {SESSION_SCHEMA}/{SESSION_VERSION}",
+                           path=str(p))
+    return m
+
+
 def apply_event(m: SessionManifest | None, ev: dict) -> SessionManifest:
     """The manifest after one journal event (the one place the manifest changes)."""
     kind = ev["ev"]
