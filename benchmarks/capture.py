@@ -102,6 +102,8 @@ def rss_mb() -> float:
 
 
 def memory_over_takes(takes: int, cameras: int = 24) -> None:
+    import gc
+
     with tempfile.TemporaryDirectory() as d:
         s = new_session(Path(d), ring_rig(cameras, 1))
         opts = CaptureOptions(source="pattern")
@@ -109,10 +111,23 @@ def memory_over_takes(takes: int, cameras: int = 24) -> None:
         for i in range(1, takes + 1):
             run_take(s, "calibration", opts)
             if i in (10, takes // 2, takes):
+                gc.collect()
                 marks[i] = rss_mb()
+        # what the manifest itself holds: load a second copy of the same session
+        before = rss_mb()
+        copy = Session.open(s.path)
+        gc.collect()
+        manifest_mb = rss_mb() - before
+        del copy
+        growth = marks[takes] - marks[10]
+        expected = manifest_mb * (takes - 10) / takes  # the records of takes 11..N
         print(f"rss_after_take_10_MB: {marks[10]:.1f}")
-        print(f"rss_after_take_{takes}_MB: {marks[takes]:.1f}  (growth {marks[takes] - marks[10]:+.1f} MB over "
-              f"{takes - 10} takes of {cameras} cameras; the manifest holds {takes * cameras} frame records)")
+        print(f"rss_after_take_{takes // 2}_MB: {marks[takes // 2]:.1f}")
+        print(f"rss_after_take_{takes}_MB: {marks[takes]:.1f}  (growth {growth:+.1f} MB over {takes - 10} takes "
+              f"of {cameras} cameras)")
+        print(f"manifest_records_MB: {manifest_mb:.1f}  ({takes * cameras} frame records; "
+              f"{manifest_mb * 1024 / (takes * cameras):.1f} KB each)")
+        print(f"rss_growth_beyond_manifest_MB: {growth - expected:+.1f}  (target: ~0, memory flat)")
 
 
 def main() -> None:

@@ -136,6 +136,7 @@ def _shoot(driver, conn, request: dict, stem: str, retries: int, backoff_s: floa
         t_cmd = time.time()
         try:
             info = driver.trigger(req)
+            os.sched_yield()  # let the other cameras' workers fire before this one downloads and checks
             got = driver.fetch()
             path, sha = write_frame(Path(stem), got.ext, got.data)
             result = {"ok": True, "path": str(path), "sha256": sha, "size": len(got.data),
