@@ -196,7 +196,10 @@ class CameraPool:
     def fire(self, commands: dict[str, tuple]) -> None:
         """Send every camera its shoot command, back to back (pickled once per camera)."""
         for cid, cmd in commands.items():
-            self.conns[cid].send(("shoot", *cmd))
+            try:
+                self.conns[cid].send(("shoot", *cmd))
+            except (BrokenPipeError, OSError):
+                pass  # the worker died: replies() reads its EOF and reports it
 
     def more_ready(self) -> bool:
         """Whether another reply is already waiting (inside :meth:`replies`)."""
@@ -339,9 +342,15 @@ def _shoot_take(session: Session, take_id: str, only: set[tuple[str, int]] | Non
                 session.save()
                 raise
             current_step = None
+            gone: set[str] = set()  # cameras that disconnected during this take
             t0 = time.monotonic()
             for f in todo:
                 cams = [c for c in pool.cameras if only is None or (c, f.index) in only]
+                if gone & set(cams):
+                    session.record([{"ev": "frame_failed", "take": take_id, "camera": c, "frame": f.index,
+                                     "error": "camera disconnected earlier in the take", "t": time.time()}
+                                    for c in sorted(gone & set(cams))])
+                    cams = [c for c in cams if c not in gone]
                 if not cams:
                     continue
                 if f.step and f.step != current_step:
@@ -357,7 +366,7 @@ def _shoot_take(session: Session, take_id: str, only: set[tuple[str, int]] | Non
                     delay = t0 + f.time - time.monotonic()
                     if delay > 0:
                         time.sleep(delay)
-                done = _fire(session, pool, take, f, cams, qa, emit, done, total)
+                done = _fire(session, pool, take, f, cams, qa, emit, done, total, gone)
         take = session.take(take_id)
         missing = take.missing()
         skew = take.trigger_skew()
@@ -375,8 +384,9 @@ def _shoot_take(session: Session, take_id: str, only: set[tuple[str, int]] | Non
 
 
 def _fire(session: Session, pool: CameraPool, take: TakeRecord, f: FramePlan, cams: list[str], qa,
-          emit: EventSink, done: int, total: int) -> int:
-    """Fire one frame on the cameras; journal results as they arrive. Returns frames done so far."""
+          emit: EventSink, done: int, total: int, gone: set[str]) -> int:
+    """Fire one frame on the cameras; journal results as they arrive. Returns frames done so far;
+    cameras that report a disconnect are added to ``gone``."""
     rig = pool.rig
     request = {"take_id": take.id, "kind": take.kind, "frame": f.index, "step": f.step,
                "clip_frame": f.clip_frame, "board_index": f.board_index}
@@ -407,6 +417,8 @@ def _fire(session: Session, pool: CameraPool, take: TakeRecord, f: FramePlan, ca
                     updates.append(QAWarning(take.id, cid, f.index, flag))
             else:
                 state = "disconnected" if res.get("disconnected") else "failed"
+                if res.get("disconnected"):
+                    gone.add(cid)
                 batch.append({"ev": "frame_failed", "take": take.id, "camera": cid, "frame": f.index,
                               "error": res["error"]})
                 updates.append(CameraUpdate(cid, state, take.id, f.index, error=res["error"]))

@@ -84,6 +84,9 @@ def test_a_disconnected_camera_loses_its_frames_and_the_rest_are_kept(session):
     assert any(isinstance(e, CameraUpdate) and e.state == "disconnected" and e.camera == "cam07" for e in events)
     fin = [e for e in events if isinstance(e, TakeFinished)][0]
     assert fin.status == "incomplete" and "cam07/2" in fin.missing
+    # once gone, the camera is not fired again in this take; its later frames are recorded as failed
+    assert sum(1 for e in events if isinstance(e, CameraUpdate) and e.camera == "cam07" and e.state == "firing") == 3
+    assert "disconnected earlier" in rec.failures["cam07"][5]
 
 
 def test_motion_is_paced_at_the_rig_fps_with_timestamps(session):
