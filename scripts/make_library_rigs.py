@@ -116,7 +116,7 @@ backdrop_rgb = [0.10, 0.55, 0.18]
 """
     cams = []
     n = 0
-    for ring, (z, phase) in enumerate([(0.4, 0.0), (1.1, 22.5), (1.9, 11.25)]):
+    for z, phase in [(0.4, 0.0), (1.1, 22.5), (1.9, 11.25)]:
         for k in range(8):
             n += 1
             a = math.radians(phase + 45 * k - 90)

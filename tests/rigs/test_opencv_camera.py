@@ -11,7 +11,7 @@ cv2 = pytest.importorskip("cv2")
 
 from rigs.drivers import CameraDriver, DriverError, DriverOptions, ShotRequest, camera_driver  # noqa: E402
 from rigs.drivers.opencv_camera import OpenCVCamera, format_shutter, parse_shutter  # noqa: E402
-from rigs.rigfile import Rig, SettingsProfile, parse_rig  # noqa: E402
+from rigs.rigfile import Rig, parse_rig  # noqa: E402
 
 W, H, N = 160, 120, 10
 
