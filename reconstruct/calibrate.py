@@ -1,44 +1,51 @@
-"""Rig calibration from a session's ChArUco takes.
+"""Rig calibration from a calibration take (ChArUco board).
 
-``run_calibrate(session_dir)`` detects the board in every image of the
-calibration take, initialises every camera from the rig's lens prior and
-``solvePnP``, chains cameras and board poses into one rig frame, and refines
-everything jointly — per-camera intrinsics (fx fy cx cy k1 k2 p1 p2 k3),
-camera poses and board poses — by a bundle adjustment (``least_squares`` with
-a sparse Jacobian), rejecting outlier corners. The result is expressed in the
-rig file's frame (a rigid fit of the calibrated camera centres to the rig's
-nominal ones; the board fixes the scale). A camera the board never reached is
-reported, not invented.
+``run_calibrate(root)`` detects the board in every image of the calibration
+take (a session's, or a virtual render folder's), initialises every camera
+from the rig's lens prior and ``solvePnP``, chains cameras and board poses
+into one frame through the views they share, and refines everything jointly —
+per-camera intrinsics (fx fy cx cy k1 k2 p1 p2 k3), camera poses and board
+poses — by a bundle adjustment, rejecting outlier corners. The result is
+expressed in the rig file's frame (a rigid fit of the calibrated camera
+centres to the rig's nominal ones; the board fixes the scale). A camera the
+board never reached, or reached in too few views, is reported, not invented.
+
+The bundle adjustment is Levenberg–Marquardt on dense normal equations: a rig
+has a few thousand parameters at most (24 cameras x 15 + 96 board poses x 6 =
+936 for ``virtual-ring-24``) while it has tens of thousands of corners. The
+Jacobian is sparse and is built by central differences one parameter *slot*
+at a time (a corner depends on its own camera and board pose only), so one
+Jacobian costs 42 vectorised projections of all corners.
 
 Outputs: ``recon/cameras.json`` and ``recon/colmap/`` (COLMAP text model).
 """
 
 from __future__ import annotations
 
-import json
+import os
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from multiprocessing import get_context
 from pathlib import Path
 
 import cv2
 import numpy as np
-from scipy.optimize import least_squares
-from scipy.sparse import lil_matrix
+from scipy.linalg import cho_factor, cho_solve
+from scipy.sparse import csr_matrix
+from threadpoolctl import threadpool_limits
 
 from reconstruct.charuco import BoardDetection, board_corners, detect_board, make_board
-from rigs.errors import TwinstudioError
-from rigs.fileio import atomic_write_json
+from reconstruct.inputs import GroundTruth, ReconstructError, find_take, take_images, write_cameras
 from rigs.geometry import Camera, Intrinsics, Pose, rotation_angle_deg
-from rigs.rigfile import load_rig
+from rigs.rigfile import BoardSpec, load_rig
 
 N_INTR = 9  # fx fy cx cy k1 k2 p1 p2 k3
 
 
-class CalibrationError(TwinstudioError):
-    """Calibration cannot be done from this session (exit code 2)."""
-
-    exit_code = 2
+class CalibrationError(ReconstructError):
+    """Calibration cannot be done from this take (exit code 2)."""
 
 
 @dataclass(frozen=True)
@@ -51,6 +58,20 @@ class CalibrationOptions:
     """Corners whose reprojection error exceeds max(outlier_px, 5 x median) are rejected."""
     fix_k3: bool = False
     """Keep k3 = 0 (fewer parameters when views are scarce)."""
+    min_views: int = 3
+    """A camera that saw the board in fewer views is reported, not solved (its lens would be guessed)."""
+    workers: int | None = None
+    """Detection processes (default: one per CPU core, at most 8)."""
+
+
+@dataclass(frozen=True)
+class CalibrationProgress:
+    """Event: detection or adjustment moved on."""
+
+    stage: str  # "detect" | "adjust"
+    done: int
+    total: int
+    detail: str = ""
 
 
 @dataclass
@@ -64,7 +85,7 @@ class CameraCalibration:
 @dataclass
 class CalibrationResult:
     cameras: dict[str, CameraCalibration]
-    unreached: list[str]  # cameras the board never reached (not solved)
+    unreached: dict[str, str]  # camera -> why it was not solved
     rms_px: float
     observations: int
     rejected: int
@@ -72,224 +93,464 @@ class CalibrationResult:
     out_dir: Path
     ground_truth: dict | None = None
     skipped_images: list[str] = field(default_factory=list)
+    views: int = 0
+    iterations: int = 0
+    take: str = ""
 
 
-def detect_take(session_dir: Path, take, board, min_corners: int, on_event=None) -> tuple[dict, list[str]]:
-    """Board detections of a take: {(camera, frame): BoardDetection}, plus unreadable image paths."""
-    detector = cv2.aruco.CharucoDetector(board)
+def detect_images(images: dict[tuple[str, int], Path], spec: BoardSpec, min_corners: int = 8,
+                  workers: int | None = None,
+                  on_event: Callable[[CalibrationProgress], None] | None = None
+                  ) -> tuple[dict[tuple[str, int], BoardDetection], list[str]]:
+    """Board detections ``{(camera, frame): detection}`` of the images, plus the unreadable images."""
+    items = sorted(images.items())
+    workers = max(1, min(workers or os.cpu_count() or 1, 8, len(items)))
+    chunks = [items[i::workers] for i in range(workers)]
     found: dict[tuple[str, int], BoardDetection] = {}
-    skipped = []
-    for cam, frames in take.captured.items():
-        for idx, rec in frames.items():
-            path = session_dir / rec.path
-            img = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
-            if img is None:
-                skipped.append(rec.path)
-                continue
-            det = detect_board(img, board, min_corners, detector)
-            if det is not None:
-                found[(cam, idx)] = det
-        if on_event:
-            on_event(cam)
-    return found, skipped
+    skipped: list[str] = []
+    done = 0
+    if workers == 1:
+        results = (_detect_one(spec, min_corners, key, path) for key, path in items)
+        pool = None
+    else:
+        pool = ProcessPoolExecutor(workers, mp_context=get_context("fork"))
+        results = (r for rs in pool.map(_detect_chunk, [spec] * workers, [min_corners] * workers, chunks,
+                                        chunksize=1) for r in rs)
+    try:
+        for key, det, bad in results:
+            done += 1
+            if bad:
+                skipped.append(bad)
+            elif det is not None:
+                found[key] = det
+            if on_event and (done % 24 == 0 or done == len(items)):
+                on_event(CalibrationProgress("detect", done, len(items), f"{len(found)} board views"))
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    return found, sorted(skipped)
 
 
-def run_calibrate(session_dir: Path | str, options: CalibrationOptions = CalibrationOptions(), *,
-                  on_event: Callable[[str], None] | None = None) -> CalibrationResult:
-    """Calibrate the rig of a session from its calibration take; writes recon/cameras.json."""
-    from capture.session import read_manifest
+_detectors: dict = {}
 
+
+def _detect_one(spec: BoardSpec, min_corners: int, key, path: Path):
+    if spec not in _detectors:
+        board = make_board(spec)
+        _detectors[spec] = (board, cv2.aruco.CharucoDetector(board))
+    board, detector = _detectors[spec]
+    img = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    if img is None:
+        return key, None, str(path)
+    return key, detect_board(img, board, min_corners, detector), None
+
+
+def _detect_chunk(spec: BoardSpec, min_corners: int, items: list) -> list:
+    return [_detect_one(spec, min_corners, key, path) for key, path in items]
+
+
+def run_calibrate(root: Path | str, options: CalibrationOptions = CalibrationOptions(), *,
+                  out_dir: Path | str | None = None,
+                  on_event: Callable[[CalibrationProgress], None] | None = None) -> CalibrationResult:
+    """Calibrate the rig from a calibration take; writes ``cameras.json`` and ``colmap/``.
+
+    ``root``: a session folder or a virtual render folder (both hold
+    ``rig.toml`` and ``takes/``). ``out_dir`` defaults to ``root/recon``.
+    """
     t0 = time.perf_counter()
-    session_dir = Path(session_dir)
-    manifest = read_manifest(session_dir)
-    takes = [t for t in manifest.takes.values() if t.kind == "calibration" and t.captured]
-    if options.take:
-        takes = [t for t in takes if t.id == options.take]
-    if not takes:
-        raise CalibrationError(f"{session_dir} has no calibration take with frames"
-                               + (f" named {options.take}" if options.take else "")
-                               + "; shoot one with 'twinstudio capture calibrate'", session=str(session_dir))
-    take = takes[-1]
-    rig = load_rig(session_dir / "rig.toml")
-    board = make_board(rig.calibration.board)
-    obj = board_corners(board)
-    dets, skipped = detect_take(session_dir, take, board, options.min_corners, on_event)
-    nominal = {c.id: c for c in rig.cameras}
-    seen_by = {}
-    for (cam, view) in dets:
-        seen_by.setdefault(view, set()).add(cam)
-    # a board view seen by one camera only cannot tie that camera to the others, but still
-    # constrains its intrinsics: keep it; cameras need at least one view shared through the graph
-    cams = sorted({c for c, _ in dets}, key=list(nominal).index)
-    unreached = [c for c in nominal if c not in cams]
+    root = Path(root)
+    if not (root / "rig.toml").is_file():
+        raise CalibrationError(f"{root}: no rig.toml (not a session or render folder)", path=str(root))
+    take = find_take(root, "calibration", options.take)
+    rig = load_rig(root / "rig.toml")
+    images = {(cam, f): p for cam, frames in take_images(root, take).items() for f, p in frames.items()}
+    if not images:
+        raise CalibrationError(f"take {take} holds no images; shoot it with 'twinstudio capture calibrate'",
+                               take=take, path=str(root / "takes" / take))
+    dets, skipped = detect_images(images, rig.calibration.board, options.min_corners, options.workers, on_event)
+    obj = board_corners(make_board(rig.calibration.board))
+    sol = solve_rig(dets, obj, {c.id: c for c in rig.cameras}, options, take=take)
+    result = CalibrationResult(sol.cameras, sol.unreached, sol.rms_px, sol.observations, sol.rejected,
+                               time.perf_counter() - t0, Path(out_dir) if out_dir else root / "recon",
+                               skipped_images=skipped, views=sol.views, iterations=sol.iterations, take=take)
+    gt = GroundTruth.find(root)
+    if gt is not None:
+        result.ground_truth = score_cameras({c: cc.camera for c, cc in result.cameras.items()}, gt.cameras())
+    _write(result)
+    return result
+
+
+@dataclass
+class RigSolution:
+    cameras: dict[str, CameraCalibration]
+    unreached: dict[str, str]  # camera -> why it was not solved
+    rms_px: float
+    observations: int
+    rejected: int
+    views: int
+    iterations: int
+    board_poses: dict[int, Pose]  # board view -> board-to-world, rig frame
+
+
+def solve_rig(dets: dict[tuple[str, int], BoardDetection], obj: np.ndarray, nominal: dict[str, Camera],
+              options: CalibrationOptions = CalibrationOptions(), *, take: str = "") -> RigSolution:
+    """Cameras and board poses from board detections ``{(camera, view): detection}``.
+
+    ``obj``: the board's corners [M, 3] (board coordinates, metres);
+    ``nominal``: the rig file's cameras (image size, lens prior, nominal pose
+    that fixes the output frame). Raises CalibrationError when fewer than two
+    cameras can be tied together.
+    """
+    order = list(nominal)
+    unknown = sorted({c for c, _ in dets} - set(order))
+    if unknown:
+        raise CalibrationError(f"detections of camera(s) not in the rig: {', '.join(unknown)}", cameras=unknown)
+    views_of: dict[str, set[int]] = {}
+    for c, v in dets:
+        views_of.setdefault(c, set()).add(v)
+    unreached = {c: "the board was never detected" for c in order if c not in views_of}
+    for c, vs in views_of.items():
+        if len(vs) < options.min_views:
+            unreached[c] = f"the board was detected in {len(vs)} view(s), calibration needs {options.min_views}"
+    dets = {o: d for o, d in dets.items() if o[0] not in unreached}
+    cams = [c for c in order if c in views_of and c not in unreached]
     if len(cams) < 2:
-        raise CalibrationError(f"the board was detected by {len(cams)} camera(s) only in take {take.id}; "
-                               "calibration needs at least two", take=take.id)
-    views = sorted({v for _, v in dets})
-
-    # ---- initialisation: nominal intrinsics, PnP per observation, chained poses
-    intr0 = {c: nominal[c].intrinsics for c in cams}
-    rel = {}
-    for (c, v), d in dets.items():
-        ok, rvec, tvec = cv2.solvePnP(obj[d.ids], d.corners, intr0[c].K, np.zeros(5), flags=cv2.SOLVEPNP_IPPE)
-        if ok:
-            rel[(c, v)] = _to_T(cv2.Rodrigues(rvec)[0], tvec.ravel())  # board -> camera
-    T_cw = {cams[0]: np.eye(4)}  # camera <- world (world = the reference camera's frame for now)
-    T_wb: dict[int, np.ndarray] = {}
-    changed = True
-    while changed:
-        changed = False
-        for (c, v), T in sorted(rel.items(), key=lambda kv: -len(dets[kv[0]].ids)):
-            if c in T_cw and v not in T_wb:
-                T_wb[v] = np.linalg.inv(T_cw[c]) @ T
-                changed = True
-            elif v in T_wb and c not in T_cw:
-                T_cw[c] = T @ np.linalg.inv(T_wb[v])
-                changed = True
-    isolated = [c for c in cams if c not in T_cw]
-    unreached += isolated
+        raise CalibrationError(f"only {len(cams)} camera(s) saw the board in {options.min_views} or more views"
+                               + (f" in take {take}" if take else "") + "; calibration needs at least two",
+                               take=take, cameras=cams)
+    T_cw, T_wb = _initial_poses(dets, obj, nominal, cams)
+    if len(T_cw) < 2:
+        raise CalibrationError("no board view is shared between cameras: each camera saw the board alone"
+                               + (f" in take {take}" if take else ""), take=take, cameras=cams)
+    for c in cams:
+        if c not in T_cw:
+            unreached[c] = "shares no board view with the other cameras"
     cams = [c for c in cams if c in T_cw]
-    views = [v for v in views if v in T_wb]
-    obs = [(c, v) for (c, v) in dets if c in T_cw and v in T_wb]
-
-    # ---- bundle adjustment
+    views = sorted(v for v in T_wb)
     ci = {c: i for i, c in enumerate(cams)}
     vi = {v: i for i, v in enumerate(views)}
-    n_cam = len(cams)
-    x0 = []
-    for c in cams:
-        k = intr0[c]
-        x0 += [k.fx, k.fy, k.cx, k.cy, 0, 0, 0, 0, 0]
-    for c in cams[1:]:
-        x0 += _pack(T_cw[c])
-    for v in views:
-        x0 += _pack(T_wb[v])
-    x0 = np.array(x0, dtype=np.float64)
-    keep = {o: np.ones(len(dets[o].ids), dtype=bool) for o in obs}
-
-    def unpack(x):
-        intr = x[: n_cam * N_INTR].reshape(n_cam, N_INTR)
-        if options.fix_k3:
-            intr = intr.copy()
-            intr[:, 8] = 0.0
-        ext = np.concatenate([np.zeros(6), x[n_cam * N_INTR: n_cam * N_INTR + (n_cam - 1) * 6]]).reshape(n_cam, 6)
-        vw = x[n_cam * N_INTR + (n_cam - 1) * 6:].reshape(len(views), 6)
-        return intr, ext, vw
-
-    def residuals(x):
-        intr, ext, vw = unpack(x)
-        out = []
-        for o in obs:
-            c, v = o
-            d = dets[o]
-            m = keep[o]
-            out.append((_project(obj[d.ids[m]], vw[vi[v]], ext[ci[c]], intr[ci[c]]) - d.corners[m]).ravel())
-        return np.concatenate(out)
-
-    def sparsity():
-        rows = sum(int(keep[o].sum()) * 2 for o in obs)
-        A = lil_matrix((rows, len(x0)), dtype=int)
-        r = 0
-        for o in obs:
-            c, v = o
-            n = int(keep[o].sum()) * 2
-            k = ci[c]
-            A[r:r + n, k * N_INTR:(k + 1) * N_INTR] = 1
-            if k > 0:
-                s = n_cam * N_INTR + (k - 1) * 6
-                A[r:r + n, s:s + 6] = 1
-            s = n_cam * N_INTR + (n_cam - 1) * 6 + vi[v] * 6
-            A[r:r + n, s:s + 6] = 1
-            r += n
-        return A
-
-    x = x0
-    rejected = 0
-    for _ in range(3):
-        sol = least_squares(residuals, x, jac_sparsity=sparsity(), method="trf", x_scale="jac", loss="linear",
-                            max_nfev=200)
-        x = sol.x
-        intr, ext, vw = unpack(x)
-        errs = {o: np.linalg.norm(_project(obj[dets[o].ids], vw[vi[o[1]]], ext[ci[o[0]]], intr[ci[o[0]]])
-                                  - dets[o].corners, axis=1) for o in obs}
-        med = np.median(np.concatenate([e[keep[o]] for o, e in errs.items()]))
-        limit = max(options.outlier_px, 5 * med)
-        newly = 0
-        for o, e in errs.items():
-            bad = keep[o] & (e > limit)
-            newly += int(bad.sum())
-            keep[o] &= ~bad
-        rejected += newly
-        if newly == 0:
+    pairs = sorted(o for o in dets if o[0] in ci and o[1] in vi)
+    obs_all = Observations(
+        np.concatenate([np.full(len(dets[o].ids), ci[o[0]]) for o in pairs]),
+        np.concatenate([np.full(len(dets[o].ids), vi[o[1]]) for o in pairs]),
+        np.concatenate([obj[dets[o].ids] for o in pairs]),
+        np.concatenate([dets[o].corners for o in pairs]))
+    intr0 = np.array([[nominal[c].intrinsics.fx, nominal[c].intrinsics.fy, nominal[c].intrinsics.cx,
+                       nominal[c].intrinsics.cy, 0, 0, 0, 0, 0] for c in cams], dtype=np.float64)
+    state = RigState(intr0, np.array([_pack(T_cw[c]) for c in cams]), np.array([_pack(T_wb[v]) for v in views]))
+    # the initial chain can hold a flipped PnP solution; start from the corners it already explains
+    err = np.linalg.norm(project_observations(state, obs_all) - obs_all.uv, axis=1)
+    keep = err < max(20.0, 3 * np.median(err))
+    iterations = 0
+    for _ in range(6):
+        state, it = bundle_adjust(state, obs_all.subset(keep), fix_k3=options.fix_k3)
+        iterations += it
+        err = np.linalg.norm(project_observations(state, obs_all) - obs_all.uv, axis=1)
+        limit = max(options.outlier_px, 5 * float(np.median(err[keep])))
+        new_keep = err <= limit
+        if np.array_equal(new_keep, keep):
             break
+        keep = new_keep
+    obs = obs_all.subset(keep)
+    e = err[keep]
 
-    intr, ext, vw = unpack(x)
     # ---- express in the rig file's frame: rigid fit of camera centres to the nominal ones
-    poses = {c: _from_pack(ext[ci[c]]) for c in cams}
+    poses = {c: _from_pack(state.cams[ci[c]]) for c in cams}
     centres = np.array([np.linalg.inv(p)[:3, 3] for p in poses.values()])
-    nominal_centres = np.array([nominal[c].pose.center for c in cams])
-    R_a, t_a = _rigid_fit(centres, nominal_centres)  # world_rig = R_a @ world_calib + t_a
+    R_a, t_a = _rigid_fit(centres, np.array([nominal[c].pose.center for c in cams]))
     A = np.eye(4)
     A[:3, :3], A[:3, 3] = R_a, t_a
     A_inv = np.linalg.inv(A)
     out: dict[str, CameraCalibration] = {}
-    total_sq, total_n = 0.0, 0
     for c in cams:
-        k = intr[ci[c]]
+        k = state.intr[ci[c]]
         T = poses[c] @ A_inv  # camera <- rig world
-        spec_w, spec_h = nominal[c].intrinsics.width, nominal[c].intrinsics.height
-        cam = Camera(c, Intrinsics(spec_w, spec_h, *map(float, k[:4]), tuple(map(float, k[4:]))),  # type: ignore
+        mine = obs.cam == ci[c]
+        n_views = len(np.unique(obs.view[mine]))
+        w, h = nominal[c].intrinsics.width, nominal[c].intrinsics.height
+        cam = Camera(c, Intrinsics(w, h, *map(float, k[:4]), tuple(map(float, k[4:]))),  # type: ignore[arg-type]
                      Pose(T[:3, :3], T[:3, 3]))
-        errs = [np.linalg.norm(_project(obj[dets[o].ids[keep[o]]], vw[vi[o[1]]], ext[ci[c]], k)
-                               - dets[o].corners[keep[o]], axis=1) for o in obs if o[0] == c]
-        e = np.concatenate(errs)
-        total_sq += float((e ** 2).sum())
-        total_n += len(e)
-        out[c] = CameraCalibration(cam, float(np.sqrt((e ** 2).mean())), len(errs), len(e))
-    out_dir = session_dir / "recon"
-    out_dir.mkdir(exist_ok=True)
-    result = CalibrationResult(out, unreached, float(np.sqrt(total_sq / max(total_n, 1))), total_n, rejected,
-                               time.perf_counter() - t0, out_dir, skipped_images=skipped)
-    result.ground_truth = score_against_ground_truth(session_dir, result)
-    _write(result, take.id)
-    return result
+        out[c] = CameraCalibration(cam, float(np.sqrt((e[mine] ** 2).mean())) if mine.any() else float("nan"),
+                                   n_views, int(mine.sum()))
+    boards = {v: Pose(*_split(A @ _from_pack(state.views[vi[v]]))) for v in views}
+    return RigSolution(out, unreached, float(np.sqrt((e ** 2).mean())), int(keep.sum()), int((~keep).sum()),
+                       len(views), iterations, boards)
 
 
-def _write(result: CalibrationResult, take_id: str) -> None:
+def _initial_poses(dets: dict, obj: np.ndarray, nominal: dict[str, Camera],
+                   cams: list[str]) -> tuple[dict[str, np.ndarray], dict[int, np.ndarray]]:
+    """Camera and board poses chained through shared board views from per-view PnP.
+
+    The reference camera is the one with most corners; the chain grows along
+    the (camera, view) links with most corners first.
+    """
+    rel = {}
+    for (c, v), d in dets.items():
+        if c not in cams:
+            continue
+        K = nominal[c].intrinsics.K
+        ok, rvec, tvec = cv2.solvePnP(obj[d.ids], d.corners, K, np.zeros(5), flags=cv2.SOLVEPNP_IPPE)
+        if ok:
+            rvec, tvec = cv2.solvePnPRefineLM(obj[d.ids], d.corners, K, np.zeros(5), rvec, tvec)
+            rel[(c, v)] = _to_T(cv2.Rodrigues(rvec)[0], tvec.ravel())  # board -> camera
+    corners: dict[str, int] = {}
+    for (c, _), d in dets.items():
+        corners[c] = corners.get(c, 0) + len(d.ids)
+    ref = max(cams, key=lambda c: corners.get(c, 0))
+    T_cw = {ref: np.eye(4)}  # camera <- world (world = the reference camera's frame for now)
+    T_wb: dict[int, np.ndarray] = {}
+    links = sorted(rel.items(), key=lambda kv: -len(dets[kv[0]].ids))
+    changed = True
+    while changed:
+        changed = False
+        for (c, v), T in links:
+            if c in T_cw and v not in T_wb:
+                T_wb[v] = np.linalg.inv(T_cw[c]) @ T
+                changed = True
+                break
+            if v in T_wb and c not in T_cw:
+                T_cw[c] = T @ np.linalg.inv(T_wb[v])
+                changed = True
+                break
+    return T_cw, T_wb
+
+
+def _write(result: CalibrationResult) -> None:
     from reconstruct.colmap_io import write_colmap_text
 
-    doc = {"schema": "twinstudio.cameras", "version": 1, "convention": "opencv", "take": take_id,
-           "rms_px": result.rms_px, "unreached": result.unreached,
-           "cameras": [{**cc.camera.to_dict(), "rms_px": cc.rms_px, "views": cc.views, "corners": cc.corners}
-                       for cc in result.cameras.values()]}
-    atomic_write_json(result.out_dir / "cameras.json", doc)
-    (result.out_dir / "colmap").mkdir(exist_ok=True)
-    write_colmap_text(result.out_dir / "colmap", [cc.camera for cc in result.cameras.values()])
+    out = result.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    cams = [cc.camera for cc in result.cameras.values()]
+    write_cameras(out / "cameras.json", cams, method="calibration", take=result.take,
+                  rms_px=round(result.rms_px, 5), board_views=result.views, observations=result.observations,
+                  rejected=result.rejected, unreached=result.unreached, skipped_images=result.skipped_images,
+                  seconds=round(result.seconds, 2), ground_truth=result.ground_truth,
+                  per_camera={c: {"rms_px": round(cc.rms_px, 5), "views": cc.views, "corners": cc.corners}
+                              for c, cc in result.cameras.items()})
+    write_colmap_text(out / "colmap", cams)
 
 
-def score_against_ground_truth(session_dir: Path, result: CalibrationResult) -> dict | None:
-    """Errors against the virtual studio's exact cameras (None for real sessions)."""
-    gt_files = sorted((session_dir / ".virtual").glob("*/gt/cameras.json"))
-    if not gt_files:
+def score_cameras(est: dict[str, Camera], gt: dict[str, Camera]) -> dict | None:
+    """Errors of calibrated cameras against exact ones, after a rigid fit of the camera centres.
+
+    Per camera: position (mm), rotation (deg), focal length (%), principal
+    point (px); plus the median and maximum of each. None when no camera is
+    common or image sizes differ.
+    """
+    common = [c for c in est if c in gt]
+    if len(common) < 2 or any(gt[c].intrinsics.width != est[c].intrinsics.width for c in common):
         return None
-    gt = {c["id"]: Camera.from_dict(c) for c in json.loads(gt_files[0].read_text())["cameras"]}
-    common = [c for c in result.cameras if c in gt]
-    if not common or any(gt[c].intrinsics.width != result.cameras[c].camera.intrinsics.width for c in common):
-        return None
-    est = np.array([result.cameras[c].camera.pose.center for c in common])
-    ref = np.array([gt[c].pose.center for c in common])
-    R_a, t_a = _rigid_fit(est, ref)
+    R_a, t_a = _rigid_fit(np.array([est[c].pose.center for c in common]),
+                          np.array([gt[c].pose.center for c in common]))
     per = {}
     for c in common:
-        e, g = result.cameras[c].camera, gt[c]
+        e, g = est[c], gt[c]
         pos = np.linalg.norm(R_a @ e.pose.center + t_a - g.pose.center)
-        rot = rotation_angle_deg(e.pose.R @ R_a.T, g.pose.R)
-        per[c] = {"position_mm": 1000 * pos, "rotation_deg": rot,
-                  "focal_pct": 100 * abs(e.intrinsics.fx - g.intrinsics.fx) / g.intrinsics.fx,
+        per[c] = {"position_mm": float(1000 * pos),
+                  "rotation_deg": float(rotation_angle_deg(e.pose.R @ R_a.T, g.pose.R)),
+                  "focal_pct": float(100 * max(abs(e.intrinsics.fx - g.intrinsics.fx) / g.intrinsics.fx,
+                                               abs(e.intrinsics.fy - g.intrinsics.fy) / g.intrinsics.fy)),
                   "principal_px": float(np.hypot(e.intrinsics.cx - g.intrinsics.cx, e.intrinsics.cy - g.intrinsics.cy))}
     keys = ("position_mm", "rotation_deg", "focal_pct", "principal_px")
     return {"cameras": per, **{f"max_{k}": max(p[k] for p in per.values()) for k in keys},
             **{f"median_{k}": float(np.median([p[k] for p in per.values()])) for k in keys}}
+
+
+# ----------------------------------------------------------------------------- bundle adjustment
+
+
+@dataclass
+class Observations:
+    """Board corners seen by cameras, one row per corner."""
+
+    cam: np.ndarray  # [N] camera index
+    view: np.ndarray  # [N] board view index
+    X: np.ndarray  # [N, 3] corner in board coordinates, metres
+    uv: np.ndarray  # [N, 2] detected pixel
+
+    def subset(self, keep: np.ndarray) -> Observations:
+        return Observations(self.cam[keep], self.view[keep], self.X[keep], self.uv[keep])
+
+
+@dataclass
+class RigState:
+    """Everything the bundle adjustment estimates."""
+
+    intr: np.ndarray  # [C, 9] fx fy cx cy k1 k2 p1 p2 k3
+    cams: np.ndarray  # [C, 6] camera <- world, Rodrigues + translation
+    views: np.ndarray  # [V, 6] world <- board, Rodrigues + translation
+
+    def copy(self) -> RigState:
+        return RigState(self.intr.copy(), self.cams.copy(), self.views.copy())
+
+
+def project_observations(state: RigState, obs: Observations) -> np.ndarray:
+    """Pixels [N, 2] of every observed corner through its board pose, camera pose and intrinsics."""
+    return _distort_pixels(_to_camera(state, obs, _to_world(state, obs)), state.intr[obs.cam])
+
+
+def _to_world(state: RigState, obs: Observations) -> np.ndarray:
+    Rv = _rodrigues_batch(state.views[:, :3])
+    return np.einsum("nij,nj->ni", Rv[obs.view], obs.X) + state.views[obs.view, 3:]
+
+
+def _to_camera(state: RigState, obs: Observations, Xw: np.ndarray) -> np.ndarray:
+    Rc = _rodrigues_batch(state.cams[:, :3])
+    return np.einsum("nij,nj->ni", Rc[obs.cam], Xw) + state.cams[obs.cam, 3:]
+
+
+def _distort_pixels(Xc: np.ndarray, k: np.ndarray) -> np.ndarray:
+    x = Xc[:, 0] / Xc[:, 2]
+    y = Xc[:, 1] / Xc[:, 2]
+    fx, fy, cx, cy, k1, k2, p1, p2, k3 = k.T
+    r2 = x * x + y * y
+    radial = 1 + r2 * (k1 + r2 * (k2 + r2 * k3))
+    xd = x * radial + 2 * p1 * x * y + p2 * (r2 + 2 * x * x)
+    yd = y * radial + p1 * (r2 + 2 * y * y) + 2 * p2 * x * y
+    return np.stack([fx * xd + cx, fy * yd + cy], axis=1)
+
+
+def _rodrigues_batch(r: np.ndarray) -> np.ndarray:
+    """Rotation matrices [M, 3, 3] from Rodrigues vectors [M, 3]."""
+    theta = np.linalg.norm(r, axis=1)
+    small = theta < 1e-12
+    k = r / np.where(small, 1.0, theta)[:, None]
+    K = np.zeros((len(r), 3, 3))
+    K[:, 0, 1], K[:, 0, 2] = -k[:, 2], k[:, 1]
+    K[:, 1, 0], K[:, 1, 2] = k[:, 2], -k[:, 0]
+    K[:, 2, 0], K[:, 2, 1] = -k[:, 1], k[:, 0]
+    s, c = np.sin(theta)[:, None, None], np.cos(theta)[:, None, None]
+    R = np.eye(3)[None] + s * K + (1 - c) * (K @ K)
+    R[small] = np.eye(3)
+    return R
+
+
+# finite-difference steps per parameter slot: intrinsics (pixels, distortion), Rodrigues, translation (m)
+_INTR_STEP = np.array([1e-3, 1e-3, 1e-3, 1e-3, 1e-7, 1e-7, 1e-8, 1e-8, 1e-7])
+_POSE_STEP = np.array([1e-7, 1e-7, 1e-7, 1e-7, 1e-7, 1e-7])
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where each free parameter sits in the solution vector (-1: held fixed)."""
+
+    intr: np.ndarray  # [C, 9]
+    cams: np.ndarray  # [C, 6]
+    views: np.ndarray  # [V, 6]
+    size: int
+
+    @classmethod
+    def make(cls, n_cam: int, n_view: int, fixed_cam: int, fix_k3: bool) -> _Layout:
+        free_i = np.ones((n_cam, N_INTR), bool)
+        if fix_k3:
+            free_i[:, 8] = False
+        free_c = np.ones((n_cam, 6), bool)
+        free_c[fixed_cam] = False  # the gauge: the world frame is this camera's frame
+        free_v = np.ones((n_view, 6), bool)
+        n = 0
+        out = []
+        for free in (free_i, free_c, free_v):
+            idx = np.full(free.shape, -1)
+            idx[free] = np.arange(n, n + free.sum())
+            n += int(free.sum())
+            out.append(idx)
+        return cls(*out, n)
+
+    def apply(self, state: RigState, dx: np.ndarray) -> RigState:
+        s = state.copy()
+        for arr, idx in ((s.intr, self.intr), (s.cams, self.cams), (s.views, self.views)):
+            m = idx >= 0
+            arr[m] += dx[idx[m]]
+        return s
+
+
+def _jacobian(state: RigState, obs: Observations, layout: _Layout) -> csr_matrix:
+    """Sparse Jacobian of the residuals, by central differences one parameter *slot* at a time.
+
+    A residual depends on its own camera and its own board view only, so moving
+    slot ``s`` of every camera at once and differencing gives column ``s`` of
+    every camera's block in two projections of all corners.
+    """
+    n = len(obs.cam)
+    rows, cols, vals = [], [], []
+    r_idx = np.arange(2 * n).reshape(n, 2)
+    Xw = _to_world(state, obs)
+    Xc = _to_camera(state, obs, Xw)
+    # each stage is recomputed only from the first one a slot moves
+    stages = {"intr": lambda st: _distort_pixels(Xc, st.intr[obs.cam]),
+              "cams": lambda st: _distort_pixels(_to_camera(st, obs, Xw), st.intr[obs.cam]),
+              "views": lambda st: project_observations(st, obs)}
+    for field_, steps, owner, idx in (("intr", _INTR_STEP, obs.cam, layout.intr),
+                                      ("cams", _POSE_STEP, obs.cam, layout.cams),
+                                      ("views", _POSE_STEP, obs.view, layout.views)):
+        project = stages[field_]
+        for s, h in enumerate(steps):
+            col = idx[owner, s]
+            live = col >= 0
+            if not live.any():
+                continue
+            plus, minus = state.copy(), state.copy()
+            getattr(plus, field_)[:, s] += h
+            getattr(minus, field_)[:, s] -= h
+            d = (project(plus) - project(minus)) / (2 * h)
+            rows.append(r_idx[live].ravel())
+            cols.append(np.repeat(col[live], 2))
+            vals.append(d[live].ravel())
+    return csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+                      shape=(2 * n, layout.size))
+
+
+def bundle_adjust(state: RigState, obs: Observations, *, fixed_cam: int = 0, fix_k3: bool = False,
+                  max_iter: int = 50, tol: float = 1e-10) -> tuple[RigState, int]:
+    """Levenberg–Marquardt on every camera's intrinsics and pose and every board pose.
+
+    Normal equations are formed densely (a rig has a few thousand parameters at
+    most) and solved by Cholesky with Marquardt's diagonal damping. Returns the
+    refined state and the iterations run.
+    """
+    with threadpool_limits(1):  # a few hundred parameters: threaded BLAS only spins, and collapses under load
+        return _levenberg_marquardt(state, obs, fixed_cam, fix_k3, max_iter, tol)
+
+
+def _levenberg_marquardt(state: RigState, obs: Observations, fixed_cam: int, fix_k3: bool, max_iter: int,
+                         tol: float) -> tuple[RigState, int]:
+    layout = _Layout.make(len(state.intr), len(state.views), fixed_cam, fix_k3)
+    if fix_k3:
+        state = state.copy()
+        state.intr[:, 8] = 0.0
+    r = (project_observations(state, obs) - obs.uv).ravel()
+    cost = float(r @ r)
+    lam = 1e-3
+    iterations = 0
+    while iterations < max_iter:
+        iterations += 1
+        J = _jacobian(state, obs, layout)
+        A = (J.T @ J).toarray()
+        g = J.T @ r
+        d = np.maximum(np.diag(A), 1e-12)
+        improved = False
+        for _ in range(12):
+            try:
+                c, low = cho_factor(A + lam * np.diag(d))
+                dx = -cho_solve((c, low), g)
+            except np.linalg.LinAlgError:
+                lam *= 10
+                continue
+            trial = layout.apply(state, dx)
+            r_t = (project_observations(trial, obs) - obs.uv).ravel()
+            cost_t = float(r_t @ r_t)
+            if cost_t < cost:
+                improved = True
+                break
+            lam *= 10
+        if not improved:
+            break
+        done = cost - cost_t < tol * cost
+        state, r, cost = trial, r_t, cost_t
+        lam = max(lam / 10, 1e-9)
+        if done:
+            break
+    return state, iterations
 
 
 # ----------------------------------------------------------------------------- maths
@@ -301,35 +562,16 @@ def _to_T(R: np.ndarray, t: np.ndarray) -> np.ndarray:
     return T
 
 
+def _split(T: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return T[:3, :3].copy(), T[:3, 3].copy()
+
+
 def _pack(T: np.ndarray) -> list[float]:
     return list(cv2.Rodrigues(T[:3, :3])[0].ravel()) + list(T[:3, 3])
 
 
 def _from_pack(p: np.ndarray) -> np.ndarray:
     return _to_T(cv2.Rodrigues(np.asarray(p[:3], dtype=np.float64))[0], np.asarray(p[3:6]))
-
-
-def _rodrigues(r: np.ndarray) -> np.ndarray:
-    theta = np.linalg.norm(r)
-    if theta < 1e-12:
-        return np.eye(3)
-    k = r / theta
-    K = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
-    return np.eye(3) + np.sin(theta) * K + (1 - np.cos(theta)) * K @ K
-
-
-def _project(X_board: np.ndarray, view: np.ndarray, cam: np.ndarray, intr: np.ndarray) -> np.ndarray:
-    """Board points [N, 3] -> pixels [N, 2] through a board pose, a camera pose and intrinsics."""
-    Xw = X_board @ _rodrigues(view[:3]).T + view[3:6]
-    Xc = Xw @ _rodrigues(cam[:3]).T + cam[3:6]
-    x = Xc[:, 0] / Xc[:, 2]
-    y = Xc[:, 1] / Xc[:, 2]
-    fx, fy, cx, cy, k1, k2, p1, p2, k3 = intr
-    r2 = x * x + y * y
-    radial = 1 + r2 * (k1 + r2 * (k2 + r2 * k3))
-    xd = x * radial + 2 * p1 * x * y + p2 * (r2 + 2 * x * x)
-    yd = y * radial + p1 * (r2 + 2 * y * y) + 2 * p2 * x * y
-    return np.stack([fx * xd + cx, fy * yd + cy], axis=1)
 
 
 def _rigid_fit(src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -104,9 +104,11 @@ fps = 24
 frames = 24
 preset = "flat"
 
+# the board is walked through the whole volume: ~39 views per camera, spread over the
+# image, so that every camera's principal point and rotation separate (see issue 4)
 [calibration]
-poses = 12
-board = { squares = [7, 5], square = "8 cm", marker = "6 cm", dictionary = "DICT_5X5_100" }
+poses = 96
+board = { squares = [10, 7], square = "14 cm", marker = "10.5 cm", dictionary = "DICT_5X5_100" }
 
 [virtual]
 seed = 7

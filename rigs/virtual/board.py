@@ -99,21 +99,25 @@ def _bilinear(img: np.ndarray, xy_texel: np.ndarray) -> np.ndarray:
     return top * (1 - fy) + bot * fy
 
 
-def board_poses(board: ChArUcoBoard, volume: Volume, n: int, seed: int = 0) -> list[Pose]:
+def board_poses(board: ChArUcoBoard, volume: Volume, n: int, seed: int = 0, reach: float = 1.0,
+                tilt_deg: float = 35.0) -> list[Pose]:
     """``n`` board poses inside the capture volume, as a technician would hold it.
 
-    The board's centre wanders through the volume (heights 0.5–1.8 m), it turns
-    about the vertical axis so that every camera of a ring sees it in several
-    poses, and it tilts up to ±35°. Deterministic for a seed.
+    The board's centre wanders through the volume (up to ``reach`` times its
+    radius from the axis, heights 0.5–1.8 m), it turns about the vertical axis
+    so that every camera of a ring sees it in several poses, and it tilts up to
+    ``tilt_deg``. Walking the whole volume spreads the board over each camera's
+    image, which is what separates a camera's principal point from its
+    rotation. Deterministic for a seed.
     """
     rng = np.random.default_rng(seed)
     w, h = board.size_m
     poses = []
     for i in range(n):
         yaw = 2 * np.pi * i / n + rng.uniform(-0.3, 0.3)
-        tilt = np.radians(rng.uniform(-35, 35))
+        tilt = np.radians(rng.uniform(-tilt_deg, tilt_deg))
         roll = np.radians(rng.uniform(-25, 25))
-        r = volume.radius * 0.35 * np.sqrt(rng.uniform())
+        r = volume.radius * reach * np.sqrt(rng.uniform())
         a = rng.uniform(0, 2 * np.pi)
         centre = np.array([volume.center[0] + r * np.cos(a), volume.center[1] + r * np.sin(a),
                            rng.uniform(0.5, min(1.8, volume.height - 0.2))])

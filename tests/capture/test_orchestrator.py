@@ -170,7 +170,7 @@ def test_short_disk_space_refuses_the_take(session, monkeypatch):
 
 def test_plan_frames_follow_the_rig():
     rig = load_rig("virtual-ring-24")
-    assert [f.board_index for f in plan_frames(rig, "calibration", PATTERN)] == list(range(12))
+    assert [f.board_index for f in plan_frames(rig, "calibration", PATTERN)] == list(range(rig.calibration.poses))
     assert [f.step for f in plan_frames(rig, "stills", PATTERN)] == [s.name for s in rig.preset_steps()]
     assert len(plan_frames(rig, "motion", CaptureOptions(frames=5))) == 5
     with pytest.raises(CaptureError):
@@ -195,7 +195,13 @@ def test_frame_qa_flags_blur_clipping_and_an_empty_frame(tmp_path):
     assert frame_qa(b"not an image", rig.qa)["flags"] == ["undecodable"]
 
 
-def test_qa_warnings_reach_the_events(session):
+def test_qa_warnings_reach_the_events(tmp_path):
+    from rigs.rigfile import resolve_rig_path
+
+    rig = tmp_path / "ring-12-poses.toml"  # the library rig walks the board through 96 poses
+    rig.write_text(resolve_rig_path("virtual-ring-24").read_text().replace("poses = 96", "poses = 12"))
+    session = Session.create(tmp_path / "session", str(rig), "subj-001")
+    add_consent(session.path, consent())
     events = []
     run_take(session, "calibration", CaptureOptions(source="pattern"), on_event=events.append)
     # pattern frames are sharp and fully "covered": calibration expects no subject, so no coverage flag

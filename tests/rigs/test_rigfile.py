@@ -70,7 +70,7 @@ def test_ring_24(rigs: dict[str, Rig]) -> None:
     assert rig.motion.fps == 24
     assert rig.motion_preset == "flat"
     assert rig.trigger.backoff == pytest.approx(0.1)  # "100 ms"
-    assert rig.calibration.board.square == pytest.approx(0.08)  # "8 cm"
+    assert rig.calibration.board.square == pytest.approx(0.14)  # "14 cm"
 
 
 def test_studio_gphoto2_48(rigs: dict[str, Rig]) -> None:
