@@ -356,6 +356,85 @@ def score_cameras(est: dict[str, Camera], gt: dict[str, Camera]) -> dict | None:
             **{f"median_{k}": float(np.median([p[k] for p in per.values()])) for k in keys}}
 
 
+# ----------------------------------------------------------------------------- baseline
+
+
+def opencv_baseline(dets: dict[tuple[str, int], BoardDetection], obj: np.ndarray,
+                    nominal: dict[str, Camera]) -> dict[str, Camera]:
+    """The textbook pipeline, for comparison: ``cv2.calibrateCamera`` per camera, then extrinsics
+    chained by pairwise ``cv2.stereoCalibrate`` (intrinsics fixed) along the pairs that share most
+    corners, from the camera with most corners, skipping a pair whose stereo RMS exceeds 1 px (it
+    did not converge); expressed in the rig frame like ``solve_rig``.
+    Cameras with fewer than 3 views, or not linked to the chain, are left out.
+    """
+    by_cam: dict[str, list[int]] = {}
+    for c, v in sorted(dets):
+        by_cam.setdefault(c, []).append(v)
+    intr: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for c, views in by_cam.items():
+        if len(views) < 3:
+            continue
+        i = nominal[c].intrinsics
+        _, K, dist, _, _ = cv2.calibrateCamera(
+            [obj[dets[(c, v)].ids].astype(np.float32) for v in views],
+            [dets[(c, v)].corners.astype(np.float32) for v in views], (i.width, i.height),
+            i.K.copy(), np.zeros(5), flags=cv2.CALIB_USE_INTRINSIC_GUESS)
+        intr[c] = (K, dist.ravel()[:5])
+    # pairwise relative poses, strongest pairs first
+    pairs = []
+    cams = list(intr)
+    for a_i, a in enumerate(cams):
+        for b in cams[a_i + 1:]:
+            shared = sorted(set(by_cam[a]) & set(by_cam[b]))
+            obj_pts, pa, pb = [], [], []
+            for v in shared:
+                ids, ia, ib = np.intersect1d(dets[(a, v)].ids, dets[(b, v)].ids, return_indices=True)
+                if len(ids) >= 6:
+                    obj_pts.append(obj[ids].astype(np.float32))
+                    pa.append(dets[(a, v)].corners[ia].astype(np.float32))
+                    pb.append(dets[(b, v)].corners[ib].astype(np.float32))
+            if obj_pts:
+                pairs.append((sum(len(o) for o in obj_pts), a, b, obj_pts, pa, pb))
+    pairs.sort(key=lambda p: -p[0])
+    ref = max(cams, key=lambda c: sum(len(dets[(c, v)].ids) for v in by_cam[c])) if cams else None
+    T_cw = {ref: np.eye(4)} if ref else {}
+    failed: set[tuple[str, str]] = set()
+    grown = True
+    while grown:
+        grown = False
+        for _, a, b, obj_pts, pa, pb in pairs:
+            if (a in T_cw) == (b in T_cw) or (a, b) in failed:
+                continue
+            size = (nominal[a].intrinsics.width, nominal[a].intrinsics.height)
+            out = cv2.stereoCalibrate(obj_pts, pa, pb, intr[a][0], intr[a][1], intr[b][0], intr[b][1], size,
+                                      flags=cv2.CALIB_FIX_INTRINSIC)
+            if out[0] > 1.0:  # a pair that did not converge (RMS in px): chain through another one
+                failed.add((a, b))
+                continue
+            T_ba = _to_T(out[5], out[6].ravel())  # camera b <- camera a
+            if a in T_cw:
+                T_cw[b] = T_ba @ T_cw[a]
+            else:
+                T_cw[a] = np.linalg.inv(T_ba) @ T_cw[b]
+            grown = True
+            break
+    if len(T_cw) < 2:
+        return {}
+    solved = list(T_cw)
+    centres = np.array([np.linalg.inv(T_cw[c])[:3, 3] for c in solved])
+    R_a, t_a = _rigid_fit(centres, np.array([nominal[c].pose.center for c in solved]))
+    A = np.eye(4)
+    A[:3, :3], A[:3, 3] = R_a, t_a
+    out_cams = {}
+    for c in solved:
+        K, dist = intr[c]
+        T = T_cw[c] @ np.linalg.inv(A)
+        i = nominal[c].intrinsics
+        out_cams[c] = Camera(c, Intrinsics(i.width, i.height, K[0, 0], K[1, 1], K[0, 2], K[1, 2],
+                                           tuple(float(x) for x in dist)), Pose(T[:3, :3], T[:3, 3]))
+    return out_cams
+
+
 # ----------------------------------------------------------------------------- bundle adjustment
 
 

@@ -99,16 +99,18 @@ def _bilinear(img: np.ndarray, xy_texel: np.ndarray) -> np.ndarray:
     return top * (1 - fy) + bot * fy
 
 
-def board_poses(board: ChArUcoBoard, volume: Volume, n: int, seed: int = 0, reach: float = 1.0,
+def board_poses(board: ChArUcoBoard, volume: Volume, n: int, seed: int = 0, reach: float = 1.8,
                 tilt_deg: float = 35.0) -> list[Pose]:
     """``n`` board poses inside the capture volume, as a technician would hold it.
 
-    The board's centre wanders through the volume (up to ``reach`` times its
-    radius from the axis, heights 0.5–1.8 m), it turns about the vertical axis
-    so that every camera of a ring sees it in several poses, and it tilts up to
-    ``tilt_deg``. Walking the whole volume spreads the board over each camera's
-    image, which is what separates a camera's principal point from its
-    rotation. Deterministic for a seed.
+    The board's centre wanders over the stage (up to ``reach`` times the
+    volume's radius from its axis, heights 0.5–1.8 m), it turns about the
+    vertical axis so that every camera of a ring sees it in several poses, and
+    it tilts up to ``tilt_deg``. Walking beyond the capture volume carries the
+    board towards the edges of each camera's image, which is what separates a
+    camera's principal point from its rotation (boards kept in the volume's
+    centre leave ~0.5 px / 0.035 deg of that ambiguity on virtual-ring-24).
+    Deterministic for a seed.
     """
     rng = np.random.default_rng(seed)
     w, h = board.size_m
