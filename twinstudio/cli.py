@@ -34,8 +34,11 @@ err_console = _console(stderr=True)
 
 from twinstudio.cli_capture import capture_app, consent_app  # noqa: E402 - needs the consoles above
 
+from twinstudio.cli_reconstruct import reconstruct_app  # noqa: E402
+
 app.add_typer(consent_app, name="consent")
 app.add_typer(capture_app, name="capture")
+app.add_typer(reconstruct_app, name="reconstruct")
 
 DEFAULT_RIG = "virtual-ring-24"
 
@@ -140,17 +143,20 @@ def demo(
     scale: Annotated[float, typer.Option(help="Virtual studio resolution scale (1 = the rig's).")] = 1.0,
     frames: Annotated[Optional[int], typer.Option(help="Motion frames (default: the rig's).")] = None,
     plain: Annotated[bool, typer.Option("--plain", help="Log lines instead of the live dashboard.")] = False,
+    reconstruct: Annotated[bool, typer.Option(help="Reconstruct the session after capturing it.")] = True,
 ) -> None:
     """Run the pipeline on the virtual studio, no hardware needed.
 
     A whole virtual session: the subject's consent, calibration (the studio
     places the ChArUco board), stills under every lighting preset and a motion
     take, each rendered by the virtual studio (with ground truth) and captured
-    through the same orchestrator, journal and QA as real cameras.
+    through the same orchestrator, journal and QA as real cameras. Then the
+    reconstruction: calibrated cameras, masks, the mesh and 3D motion, with
+    their accuracy against the ground truth.
     """
     from twinstudio.pipeline import run_demo
 
-    run_demo(out, rig, scale=scale, frames=frames, plain=plain, console=console)
+    run_demo(out, rig, scale=scale, frames=frames, plain=plain, console=console, reconstruct=reconstruct)
 
 
 def _render(rig_file: str, out: Path, *, frames, takes: str, scale: float, workers, plain: bool) -> None:

@@ -13,8 +13,8 @@ DEMO_SUBJECT = "demo-subject-001"
 
 
 def run_demo(out: Path, rig: str, *, scale: float = 1.0, frames: int | None = None, plain: bool = False,
-             console: Console | None = None) -> Path:
-    """Capture a whole virtual session into ``out/session``; returns the session folder.
+             console: Console | None = None, reconstruct: bool = True) -> Path:
+    """Capture a whole virtual session into ``out/session`` and reconstruct it; returns the session folder.
 
     An earlier demo session in the same place is moved aside, never deleted.
     """
@@ -64,4 +64,20 @@ def run_demo(out: Path, rig: str, *, scale: float = 1.0, frames: int | None = No
     console.print(table)
     console.print(f"captured in {seconds:.0f} s; manifest {path / 'session.json'}, journal {path / 'journal.jsonl'}")
     console.print(f"virtual studio renders and ground truth (depth, masks, meshes, joints): {path / '.virtual'}")
+    if reconstruct:
+        _reconstruct(path, plain, console)
     return path
+
+
+def _reconstruct(session: Path, plain: bool, console: Console) -> None:
+    """Reconstruct the demo session and print the accuracy table against the ground truth."""
+    import json
+
+    from reconstruct.pipeline import ReconstructOptions, run_reconstruct
+    from twinstudio.cli_reconstruct import print_accuracy, progress_events
+
+    console.rule("reconstruction")
+    with progress_events(plain) as on_event:
+        rep = run_reconstruct(session, ReconstructOptions(), on_event=on_event)
+    print_accuracy(json.loads(rep.path.read_text()))
+    console.print(f"reconstructed in {rep.seconds:.0f} s; report {rep.path}")

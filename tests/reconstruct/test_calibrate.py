@@ -195,3 +195,48 @@ def test_corrupt_and_missing_images_are_listed(rendered, tmp_path):
     assert "cam02" in res.cameras
     with pytest.raises(ReconstructError, match="no take 'calib-009'"):
         run_calibrate(copy, CalibrationOptions(take="calib-009"))
+
+
+# ----------------------------------------------------------------------------- command line and pipeline
+
+
+def test_cli_calibrate_prints_the_table_and_writes_cameras(rendered, tmp_path, capsys):
+    from twinstudio.cli import main
+
+    render, _ = rendered
+    assert main(["reconstruct", "calibrate", str(render), "--out", str(tmp_path / "recon"), "--plain"]) == 0
+    text = capsys.readouterr().out
+    assert "Calibration of calib-001: 4 cameras" in text
+    for cam in CAMERAS:
+        assert cam in text
+    assert "position err mm" in text  # a virtual capture is scored against its ground truth
+    assert (tmp_path / "recon" / "cameras.json").is_file()
+    # bad input: a folder that is no capture
+    assert main(["reconstruct", "calibrate", str(tmp_path / "nothing"), "--plain"]) == 2
+    assert "no rig.toml" in capsys.readouterr().err
+
+
+def test_pipeline_skips_what_the_capture_lacks_and_reports(rendered, tmp_path, capsys):
+    from reconstruct.pipeline import ReconstructOptions, run_reconstruct
+    from twinstudio.cli import main
+
+    render, _ = rendered
+    events = []
+    rep = run_reconstruct(render, ReconstructOptions(workers=1), out_dir=tmp_path / "recon", on_event=events.append)
+    doc = json.loads(rep.path.read_text())
+    assert doc["schema"] == "twinstudio.recon-report" and doc["virtual"] is True
+    st = doc["stages"]
+    assert st["cameras"]["status"] == "done" and st["cameras"]["method"] == "calibration"
+    # the render holds a calibration take only: the other stages say why they did not run
+    for name in ("masks", "mesh", "motion"):
+        assert st[name]["status"] == "skipped", name
+    assert "no stills take" in st["masks"]["reason"] and "no motion take" in st["motion"]["reason"]
+    keys = {r["key"] for r in doc["accuracy"]}
+    assert {"calibration.rms_px", "calibration.max_position_mm", "calibration.max_rotation_deg"} <= keys
+    rms = next(r for r in doc["accuracy"] if r["key"] == "calibration.rms_px")
+    assert rms["ok"] and rms["value"] == pytest.approx(st["cameras"]["rms_px"])
+    assert [e.stage for e in events if getattr(e, "status", None) == "skipped"] == ["masks", "mesh", "motion"]
+    # the report prints again on its own
+    assert main(["reconstruct", "report", str(render), "--out", str(tmp_path / "recon")]) == 0
+    out = capsys.readouterr().out
+    assert "calibration RMS reprojection" in out and "skipped" in out

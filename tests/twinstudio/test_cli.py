@@ -91,9 +91,13 @@ def test_missing_rig_file_is_a_clear_error(tmp_path, capsys):
 
 
 def test_demo_small_captures_a_whole_virtual_session(tmp_path, capsys):
-    """The demo's pipeline at a small scale: consent, calibration, stills, motion, summary."""
+    """The demo's pipeline at a small scale: consent, calibration, stills, motion, summary, reconstruction."""
+    from rigs.rigfile import resolve_rig_path
+
+    rig = tmp_path / "ring-12-poses.toml"  # the library rig walks the board through 96 poses
+    rig.write_text(resolve_rig_path("virtual-ring-24").read_text().replace("poses = 96", "poses = 12"))
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--scale", "0.1", "--frames", "3", "--plain"]) == 0
+    assert main(["demo", "--out", str(out), "--rig", str(rig), "--scale", "0.1", "--frames", "3", "--plain"]) == 0
     text = capsys.readouterr().out
     for take in ("calib-001", "stills-002", "motion-003"):
         assert take in text
@@ -102,8 +106,16 @@ def test_demo_small_captures_a_whole_virtual_session(tmp_path, capsys):
     assert [t["status"] for t in takes.values()] == ["complete"] * 3
     assert sum(len(f) for f in takes["motion-003"]["captured"].values()) == 24 * 3
     assert (out / "session" / ".virtual" / "studio" / "render.json").exists()  # one render for all takes
+    # then the reconstruction: at 128x96 the board's squares are 2 px, so calibration says why it
+    # cannot run and the stages that need cameras are skipped; the masks are still scored
+    report = json.loads((out / "session" / "recon" / "report.json").read_text())
+    assert report["stages"]["cameras"]["status"] == "skipped"
+    assert "saw the board" in report["stages"]["cameras"]["reason"]
+    assert report["stages"]["masks"]["status"] == "done" and report["stages"]["mesh"]["status"] == "skipped"
+    assert "mask IoU (mean)" in text and "skipped" in text
     # a second demo moves the first aside instead of deleting it
-    assert main(["demo", "--out", str(out), "--scale", "0.1", "--frames", "1", "--plain"]) == 0
+    assert main(["demo", "--out", str(out), "--rig", str(rig), "--scale", "0.1", "--frames", "1", "--plain",
+                 "--no-reconstruct"]) == 0
     assert len(list(out.glob("session.*"))) == 1
 
 
@@ -113,6 +125,9 @@ def test_demo_full_size(tmp_path):
     assert main(["demo", "--out", str(out), "--plain"]) == 0
     manifest = json.loads((out / "session" / "session.json").read_text())
     assert [t["status"] for t in manifest["takes"].values()] == ["complete"] * 3
+    report = json.loads((out / "session" / "recon" / "report.json").read_text())
+    assert all(s["status"] == "done" for s in report["stages"].values()), report["stages"]
+    assert all(r["ok"] for r in report["accuracy"]), [r for r in report["accuracy"] if not r["ok"]]
 
 
 CONSENT = ["--subject", "subj-042", "--agency", "Nova", "--scope", "capture", "--purpose", "e-commerce",

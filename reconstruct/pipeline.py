@@ -1,0 +1,297 @@
+"""The whole reconstruction of a capture, stage by stage, and its report.
+
+``run_reconstruct(root)`` runs, in order:
+
+1. **cameras** — calibration from the calibration take, or SfM on the stills
+   take when there is none (or when asked), into ``recon/cameras.json``;
+2. **masks** — the subject mask of every still, ``recon/masks/<take>/``;
+3. **mesh** — the subject's mesh from the masks, ``recon/mesh/<take>/``;
+4. **motion** — 3D tracks of the motion take, ``recon/motion/<take>/``;
+
+then writes ``recon/report.json`` (schema ``twinstudio.recon-report``): per
+stage its status, time and figures, and an *accuracy* list of the figures
+that matter with their targets. On virtual captures every figure is scored
+against ground truth. A stage that cannot run on this input (no motion take,
+too few cameras, ...) is listed as skipped with the reason; later stages that
+need it are skipped too. Nothing here prints: progress goes to ``on_event``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from reconstruct.inputs import GroundTruth, ReconstructError, find_take, list_takes, take_images
+from rigs.fileio import atomic_write_json
+
+REPORT_SCHEMA = "twinstudio.recon-report"
+REPORT_VERSION = 1
+STAGES = ("cameras", "masks", "mesh", "motion")
+
+#: the issue's targets on the virtual studio: figure key -> (label, unit, comparison, limit)
+TARGETS: dict[str, tuple[str, str, str, float]] = {
+    "calibration.rms_px": ("calibration RMS reprojection", "px", "<=", 0.3),
+    "calibration.max_focal_pct": ("calibration focal error (max)", "%", "<=", 0.2),
+    "calibration.max_position_mm": ("calibration position error (max)", "mm", "<=", 1.0),
+    "calibration.max_rotation_deg": ("calibration rotation error (max)", "deg", "<=", 0.02),
+    "sfm.registered_fraction": ("SfM cameras registered", "", ">=", 1.0),
+    "sfm.max_position_mm": ("SfM position error (max)", "mm", "<=", 2.0),
+    "sfm.max_rotation_deg": ("SfM rotation error (max)", "deg", "<=", 0.1),
+    "masks.mean_iou": ("mask IoU (mean)", "", ">=", 0.97),
+    "mesh.chamfer_mm": ("mesh Chamfer distance", "mm", "<=", 5.0),
+    "mesh.fscore": ("mesh F-score at 5 mm", "", ">=", 0.9),
+    "mesh.seconds": ("mesh time", "s", "<=", 60.0),
+    "motion.median_mm": ("motion 3D error (median)", "mm", "<=", 5.0),
+}
+
+
+@dataclass(frozen=True)
+class StageEvent:
+    """Event: a stage started, finished or was skipped."""
+
+    stage: str
+    status: str  # "start" | "done" | "skipped"
+    detail: str = ""
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class ReconstructOptions:
+    stages: tuple[str, ...] = STAGES
+    cameras_from: str = "auto"
+    """'auto' (calibration take if there is one, else SfM), 'calibration', 'sfm' or 'existing'."""
+    calibration_take: str | None = None
+    stills_take: str | None = None
+    motion_take: str | None = None
+    mesh_frame: int = 0
+    workers: int | None = None
+
+
+@dataclass
+class ReconstructReport:
+    root: Path
+    out_dir: Path
+    stages: dict[str, dict] = field(default_factory=dict)
+    accuracy: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def path(self) -> Path:
+        return self.out_dir / "report.json"
+
+
+def run_reconstruct(root: Path | str, options: ReconstructOptions = ReconstructOptions(), *,
+                    out_dir: Path | str | None = None,
+                    on_event: Callable[[object], None] | None = None) -> ReconstructReport:
+    """Reconstruct a session or render folder; writes ``out_dir`` (default ``root/recon``) and its report."""
+    root = Path(root)
+    if not (root / "takes").is_dir():
+        raise ReconstructError(f"{root}: no takes/ folder (not a session or render folder)", path=str(root))
+    unknown = sorted(set(options.stages) - set(STAGES))
+    if unknown:
+        raise ReconstructError(f"unknown stage(s) {', '.join(unknown)}; stages are {', '.join(STAGES)}",
+                               stages=unknown)
+    out = Path(out_dir) if out_dir else root / "recon"
+    out.mkdir(parents=True, exist_ok=True)
+    emit = on_event or (lambda ev: None)
+    report = ReconstructReport(root, out)
+    gt = GroundTruth.find(root)
+    t0 = time.perf_counter()
+
+    def stage(name: str, fn: Callable[[], dict], needs: tuple[str, ...] = ()) -> None:
+        if name not in options.stages and not (name == "cameras" and options.cameras_from == "existing"):
+            return
+        missing = [n for n in needs if report.stages.get(n, {}).get("status") != "done"]
+        if missing:
+            why = f"needs {', '.join(missing)}, which did not run"
+            report.stages[name] = {"status": "skipped", "reason": why}
+            emit(StageEvent(name, "skipped", why))
+            return
+        emit(StageEvent(name, "start"))
+        s0 = time.perf_counter()
+        try:
+            figures = fn()
+        except ReconstructError as e:
+            report.stages[name] = {"status": "skipped", "reason": str(e), "facts": _plain(e.facts)}
+            emit(StageEvent(name, "skipped", str(e), time.perf_counter() - s0))
+            return
+        secs = time.perf_counter() - s0
+        report.stages[name] = {"status": "done", "seconds": round(secs, 2), **figures}
+        emit(StageEvent(name, "done", figures.get("summary", ""), secs))
+
+    stage("cameras", lambda: _cameras(root, out, options, gt, emit))
+    stage("masks", lambda: _masks(root, out, options, gt, emit))
+    stage("mesh", lambda: _mesh(root, out, options, emit), needs=("cameras",))
+    stage("motion", lambda: _motion(root, out, options, emit), needs=("cameras",))
+    report.seconds = time.perf_counter() - t0
+    earlier = _read_json(report.path).get("stages", {}) if report.path.is_file() else {}
+    report.stages = {**{k: v for k, v in earlier.items() if k in STAGES}, **report.stages}  # a re-run of one stage
+    report.stages = {k: report.stages[k] for k in STAGES if k in report.stages}
+    report.accuracy = accuracy_rows(report.stages)
+    atomic_write_json(report.path, {
+        "schema": REPORT_SCHEMA, "version": REPORT_VERSION, "root": str(root), "virtual": gt is not None,
+        "seconds": round(report.seconds, 2), "stages": _plain(report.stages), "accuracy": report.accuracy})
+    return report
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def _cameras(root: Path, out: Path, options: ReconstructOptions, gt: GroundTruth | None, emit) -> dict:
+    from reconstruct.calibrate import CalibrationOptions, run_calibrate, score_cameras
+
+    how = options.cameras_from
+    if how == "existing":
+        from reconstruct.inputs import read_cameras
+
+        cams = read_cameras(out / "cameras.json")
+        return {"method": "existing", "cameras": len(cams), "summary": f"{len(cams)} cameras from cameras.json"}
+    if how == "auto":
+        how = "calibration" if list_takes(root, "calibration") else "sfm"
+    if how == "calibration":
+        res = run_calibrate(root, CalibrationOptions(take=options.calibration_take, workers=options.workers),
+                            out_dir=out, on_event=emit)
+        g = res.ground_truth or {}
+        return {"method": "calibration", "take": res.take, "cameras": len(res.cameras), "unreached": res.unreached,
+                "skipped_images": res.skipped_images, "rms_px": res.rms_px, "board_views": res.views,
+                "observations": res.observations, "rejected": res.rejected,
+                "ground_truth": {k: v for k, v in g.items() if k != "cameras"} or None,
+                "summary": f"{len(res.cameras)} cameras, RMS {res.rms_px:.3f} px"}
+    if how == "sfm":
+        from reconstruct.sfm import SfmOptions, run_sfm
+
+        res = run_sfm(root, out, SfmOptions(take=options.stills_take),
+                      rig_path=root / "rig.toml" if (root / "rig.toml").is_file() else None, on_event=emit)
+        scores = score_cameras(res.cameras, gt.cameras()) if gt is not None else None
+        return {"method": "sfm", "cameras": len(res.cameras), "registered": sorted(res.registered),
+                "unregistered": sorted(res.unregistered), "points": res.points,
+                "registered_fraction": len(res.registered) / max(1, len(res.registered) + len(res.unregistered)),
+                "ground_truth": {k: v for k, v in (scores or {}).items() if k != "cameras"} or None,
+                "summary": f"{len(res.registered)} cameras registered"}
+    raise ReconstructError(f"unknown camera source {options.cameras_from!r}", key="cameras_from")
+
+
+def _masks(root: Path, out: Path, options: ReconstructOptions, gt: GroundTruth | None, emit) -> dict:
+    from reconstruct.masks import MaskOptions, mask_iou, run_masks
+    from rigs.rigfile import load_rig
+
+    take = find_take(root, "stills", options.stills_take)
+    images = [p for frames in take_images(root, take).values() for p in frames.values()]
+    if not images:
+        raise ReconstructError(f"take {take} holds no images", take=take)
+    mopts = MaskOptions.for_rig(load_rig(root / "rig.toml")) if (root / "rig.toml").is_file() else MaskOptions()
+    rep = run_masks(images, out / "masks" / take, mopts, root=root / "takes" / take, on_event=emit)
+    figures: dict = {"take": take, "images": len(rep.records), "dir": str((out / "masks" / take).relative_to(out))}
+    if gt is not None:
+        import cv2
+
+        ious = []
+        for r in rep.records:
+            cam, frame = r.image.parent.name, int(r.image.stem)
+            truth = gt.mask(take, cam, frame)
+            if truth is not None:
+                ious.append(mask_iou(cv2.imread(str(r.mask), cv2.IMREAD_GRAYSCALE) > 127, truth))
+        if ious:
+            figures["ground_truth"] = {"mean_iou": float(np.mean(ious)), "min_iou": float(np.min(ious)),
+                                       "images": len(ious)}
+    figures["summary"] = f"{len(rep.records)} masks" + (
+        f", IoU {figures['ground_truth']['mean_iou']:.3f}" if "ground_truth" in figures else "")
+    return figures
+
+
+def _mesh(root: Path, out: Path, options: ReconstructOptions, emit) -> dict:
+    from reconstruct.mesh import MeshOptions, run_mesh
+
+    take = find_take(root, "stills", options.stills_take)
+    masks = out / "masks" / take
+    run_mesh(root, out / "cameras.json", out / "mesh" / take, take=take, frame=options.mesh_frame,
+             masks_dir=masks if (masks / "masks.json").is_file() else None, options=MeshOptions(), on_event=emit)
+    doc = _read_json(out / "mesh" / take / "mesh.json")
+    doc.pop("schema", None)
+    doc.pop("version", None)
+    g = doc.get("ground_truth") or {}
+    return {**doc, "dir": str((out / "mesh" / take).relative_to(out)),
+            "summary": f"{doc.get('vertices', '?')} vertices"
+                       + (f", Chamfer {g['chamfer_mm']:.2f} mm" if "chamfer_mm" in g else "")}
+
+
+def _motion(root: Path, out: Path, options: ReconstructOptions, emit) -> dict:
+    from reconstruct.motion import MotionOptions, run_motion
+
+    take = find_take(root, "motion", options.motion_take)
+    run_motion(root, out / "cameras.json", out / "motion" / take, MotionOptions(take=take), on_event=emit)
+    doc = _read_json(out / "motion" / take / "motion.json")
+    doc.pop("schema", None)
+    doc.pop("version", None)
+    return {**doc, "dir": str((out / "motion" / take).relative_to(out)),
+            "summary": f"{doc.get('tracks', '?')} tracks"}
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def accuracy_rows(stages: dict[str, dict]) -> list[dict]:
+    """The figures that have targets, with their values and whether they meet them."""
+    values: dict[str, float] = {}
+    cams = stages.get("cameras", {})
+    if cams.get("status") == "done":
+        prefix = "calibration" if cams.get("method") == "calibration" else "sfm"
+        if prefix == "calibration":
+            values["calibration.rms_px"] = cams.get("rms_px")
+        else:
+            values["sfm.registered_fraction"] = cams.get("registered_fraction")
+        for k, v in (cams.get("ground_truth") or {}).items():
+            values[f"{prefix}.{k}"] = v
+    masks = stages.get("masks", {})
+    if (masks.get("ground_truth") or {}).get("mean_iou") is not None:
+        values["masks.mean_iou"] = masks["ground_truth"]["mean_iou"]
+    mesh = stages.get("mesh", {})
+    for k in ("chamfer_mm", "fscore"):
+        if (mesh.get("ground_truth") or {}).get(k) is not None:
+            values[f"mesh.{k}"] = mesh["ground_truth"][k]
+    if mesh.get("status") == "done":
+        values["mesh.seconds"] = mesh.get("seconds")
+    motion = stages.get("motion", {})
+    if (motion.get("ground_truth") or {}).get("median_mm") is not None:
+        values["motion.median_mm"] = motion["ground_truth"]["median_mm"]
+    rows = []
+    for key, (label, unit, op, limit) in TARGETS.items():
+        v = values.get(key)
+        if v is None:
+            continue
+        ok = v <= limit if op == "<=" else v >= limit
+        rows.append({"key": key, "figure": label, "value": float(v), "unit": unit, "target": f"{op} {limit:g}",
+                     "ok": bool(ok)})
+    return rows
+
+
+def _read_json(path: Path) -> dict:
+    import json
+
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ReconstructError(f"{path}: cannot read ({e})", path=str(path)) from e
+
+
+def _plain(x):
+    """JSON-ready copy (numpy scalars, paths, dataclasses)."""
+    if isinstance(x, dict):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if isinstance(x, Path):
+        return str(x)
+    if isinstance(x, np.generic):
+        return x.item()
+    if hasattr(x, "__dataclass_fields__"):
+        return _plain(asdict(x))
+    return x
+
+
+__all__ = ["REPORT_SCHEMA", "STAGES", "TARGETS", "ReconstructOptions", "ReconstructReport", "StageEvent",
+           "accuracy_rows", "run_reconstruct"]

@@ -1,0 +1,231 @@
+"""``twinstudio reconstruct ...``: thin layers over reconstruct/."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+reconstruct_app = typer.Typer(help="Reconstruction: calibrate, SfM, masks, mesh, motion, report.",
+                              no_args_is_help=True)
+
+RootArg = Annotated[Path, typer.Argument(help="Session folder (or virtual render folder).")]
+OutOpt = Annotated[Optional[Path], typer.Option("--out", help="Output folder (default: <session>/recon).")]
+PlainOpt = Annotated[bool, typer.Option("--plain", help="Log lines instead of progress bars.")]
+WorkersOpt = Annotated[Optional[int], typer.Option(help="Worker processes (default: one per core).")]
+
+
+def _console():
+    from twinstudio.cli import console
+
+    return console
+
+
+class progress_events:
+    """An on_event callback: stage lines, and a progress bar for events that carry done/total."""
+
+    def __init__(self, plain: bool) -> None:
+        self.plain = plain or not _console().is_terminal
+
+    def __enter__(self):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
+
+        self.bar = None if self.plain else Progress(
+            "[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TimeRemainingColumn(), console=_console(), transient=True)
+        if self.bar:
+            self.bar.start()
+        self.tasks: dict[str, int] = {}
+        self.logged: dict[str, int] = {}
+        return self.on_event
+
+    def on_event(self, ev) -> None:
+        from reconstruct.pipeline import StageEvent
+
+        con = _console()
+        if isinstance(ev, StageEvent):
+            if ev.status == "start":
+                con.print(f"[bold]{ev.stage}[/] …")
+            elif ev.status == "done":
+                con.print(f"[green]{ev.stage}[/] done in {ev.seconds:.1f} s" + (f": {ev.detail}" if ev.detail else ""))
+            else:
+                con.print(f"[yellow]{ev.stage}[/] skipped: {ev.detail}", highlight=False)
+            return
+        done, total = getattr(ev, "done", None), getattr(ev, "total", None)
+        if done is None or not total:
+            return
+        label = getattr(ev, "stage", None) or type(ev).__name__.replace("Progress", "").lower()
+        if self.bar is None:
+            step = max(total // 5, 1)
+            if done - self.logged.get(label, 0) >= step or done == total:
+                self.logged[label] = done
+                con.print(f"  {label}: {done}/{total}")
+            return
+        if label not in self.tasks:
+            self.tasks[label] = self.bar.add_task(label, total=total)
+        self.bar.update(self.tasks[label], completed=done, total=total)
+
+    def __exit__(self, *exc) -> None:
+        if self.bar:
+            self.bar.stop()
+
+
+def print_accuracy(report: dict, title: str = "Reconstruction accuracy") -> None:
+    """The report's stages and its accuracy table against the targets."""
+    con = _console()
+    t = Table(title=f"Stages ({report.get('root', '')})")
+    for col in ("stage", "status", "time", "result"):
+        t.add_column(col)
+    for name, s in report.get("stages", {}).items():
+        status = "[green]done[/]" if s.get("status") == "done" else f"[yellow]{s.get('status')}[/]"
+        t.add_row(name, status, f"{s['seconds']:.1f} s" if "seconds" in s else "-",
+                  s.get("summary") or s.get("reason", ""))
+    con.print(t)
+    rows = report.get("accuracy", [])
+    if not rows:
+        con.print("no figure with a target (accuracy is scored on virtual captures)")
+        return
+    a = Table(title=title + (" against the virtual studio's ground truth" if report.get("virtual") else ""))
+    for col in ("figure", "value", "target", ""):
+        a.add_column(col, justify="right" if col in ("value", "target") else "left")
+    for r in rows:
+        v = r["value"]
+        text = f"{v:.4f}" if abs(v) < 1 else f"{v:.2f}"
+        a.add_row(r["figure"], f"{text} {r['unit']}".strip(), f"{r['target']} {r['unit']}".strip(),
+                  "[green]ok[/]" if r["ok"] else "[red]missed[/]")
+    con.print(a)
+
+
+def _run(root: Path, out: Optional[Path], plain: bool, **kw) -> dict:
+    from reconstruct.pipeline import ReconstructOptions, run_reconstruct
+
+    with progress_events(plain) as on_event:
+        rep = run_reconstruct(root, ReconstructOptions(**kw), out_dir=out, on_event=on_event)
+    doc = json.loads(rep.path.read_text())
+    print_accuracy(doc)
+    _console().print(f"report: {rep.path}")
+    return doc
+
+
+@reconstruct_app.command("run")
+def reconstruct_run(
+    root: RootArg,
+    out: OutOpt = None,
+    stages: Annotated[str, typer.Option(help="Stages to run, comma-separated.")] = "cameras,masks,mesh,motion",
+    cameras_from: Annotated[str, typer.Option(
+        help="auto (calibration take if any, else SfM), calibration, sfm, or existing (recon/cameras.json).")]
+    = "auto",
+    workers: WorkersOpt = None,
+    plain: PlainOpt = False,
+) -> None:
+    """Reconstruct a session: cameras, masks, mesh and motion, then the report and accuracy table."""
+    if cameras_from not in ("auto", "calibration", "sfm", "existing"):
+        raise typer.BadParameter(f"{cameras_from!r}: use auto, calibration, sfm or existing",
+                                 param_hint="--cameras-from")
+    names = tuple(s.strip() for s in stages.split(",") if s.strip())
+    _run(root, out, plain, stages=names, cameras_from=cameras_from, workers=workers)
+
+
+@reconstruct_app.command("calibrate")
+def reconstruct_calibrate(
+    root: RootArg,
+    out: OutOpt = None,
+    take: Annotated[Optional[str], typer.Option(help="Calibration take (default: the latest).")] = None,
+    workers: WorkersOpt = None,
+    plain: PlainOpt = False,
+) -> None:
+    """Calibrate every camera from the ChArUco take: intrinsics, poses, RMS per camera."""
+    from reconstruct.calibrate import CalibrationOptions, run_calibrate
+
+    with progress_events(plain) as on_event:
+        res = run_calibrate(root, CalibrationOptions(take=take, workers=workers), out_dir=out, on_event=on_event)
+    gt = (res.ground_truth or {}).get("cameras", {})
+    t = Table(title=f"Calibration of {res.take}: {len(res.cameras)} cameras, {res.views} board poses, "
+                    f"RMS {res.rms_px:.3f} px, {res.rejected} corners rejected, {res.seconds:.1f} s")
+    cols = ["camera", "views", "corners", "RMS px", "fx", "cx", "cy", "k1"]
+    if gt:
+        cols += ["position err mm", "rotation err deg", "focal err %"]
+    for col in cols:
+        t.add_column(col, justify="left" if col == "camera" else "right")
+    for c, cc in res.cameras.items():
+        i = cc.camera.intrinsics
+        row = [c, str(cc.views), str(cc.corners), f"{cc.rms_px:.3f}", f"{i.fx:.2f}", f"{i.cx:.2f}", f"{i.cy:.2f}",
+               f"{i.dist[0]:+.4f}"]
+        if gt:
+            g = gt[c]
+            row += [f"{g['position_mm']:.2f}", f"{g['rotation_deg']:.4f}", f"{g['focal_pct']:.3f}"]
+        t.add_row(*row)
+    con = _console()
+    con.print(t)
+    for c, why in res.unreached.items():
+        con.print(f"[yellow]{c}[/] not calibrated: {why}")
+    for p in res.skipped_images:
+        con.print(f"[yellow]skipped[/] unreadable image {p}")
+    con.print(f"wrote {res.out_dir / 'cameras.json'} and {res.out_dir / 'colmap'}")
+
+
+@reconstruct_app.command("sfm")
+def reconstruct_sfm(
+    source: Annotated[Path, typer.Argument(help="Session, render folder, or any folder of photos.")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder for cameras.json and the COLMAP model.")],
+    rig: Annotated[Optional[Path], typer.Option(help="Rig file: known intrinsics and the frame to align to.")]
+    = None,
+    cameras: Annotated[Optional[Path], typer.Option(help="cameras.json with known intrinsics.")] = None,
+    plain: PlainOpt = False,
+) -> None:
+    """Structure from motion (pycolmap) for captures without a calibration take."""
+    from reconstruct.sfm import SfmOptions, run_sfm
+
+    if rig is None and (source / "rig.toml").is_file():
+        rig = source / "rig.toml"
+    with progress_events(plain) as on_event:
+        res = run_sfm(source, out, SfmOptions(), cameras_path=cameras, rig_path=rig, on_event=on_event)
+    con = _console()
+    con.print(f"registered {len(res.registered)} camera(s), {res.points} points, "
+              f"reprojection {res.mean_reprojection_px:.3f} px, {res.seconds:.1f} s")
+    if res.unregistered:
+        con.print(f"[yellow]not registered[/]: {', '.join(sorted(res.unregistered))}")
+    if res.ground_truth:
+        g = res.ground_truth
+        con.print(f"against ground truth: position {g['median_position_mm']:.2f} / {g['max_position_mm']:.2f} mm, "
+                  f"rotation {g['median_rotation_deg']:.4f} / {g['max_rotation_deg']:.4f} deg (median / max)")
+    con.print(f"wrote {out / 'cameras.json'}")
+
+
+@reconstruct_app.command("import-colmap")
+def reconstruct_import_colmap(
+    model: Annotated[Path, typer.Argument(help="COLMAP model folder (cameras/images/points3D).")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder for cameras.json.")],
+) -> None:
+    """Import an existing COLMAP model as twinstudio cameras."""
+    from reconstruct.sfm import import_colmap
+
+    res = import_colmap(model, out)
+    _console().print(f"imported {len(res.cameras)} camera(s) into {out / 'cameras.json'}")
+
+
+def _stage_command(name: str, doc: str):
+    def command(root: RootArg, out: OutOpt = None, plain: PlainOpt = False) -> None:
+        _run(root, out, plain, stages=(name,), cameras_from="existing")
+
+    command.__doc__ = doc
+    reconstruct_app.command(name)(command)
+
+
+_stage_command("masks", "Subject masks of the stills take (chroma key), scored on virtual captures.")
+_stage_command("mesh", "The subject's watertight mesh (PLY, OBJ, GLB) from the masks and calibrated cameras.")
+_stage_command("motion", "3D tracks of the motion take (npz + CSV) from the calibrated cameras.")
+
+
+@reconstruct_app.command("report")
+def reconstruct_report(root: RootArg, out: OutOpt = None) -> None:
+    """Print the last reconstruction report and its accuracy table."""
+    from reconstruct.inputs import ReconstructError
+
+    path = (out or root / "recon") / "report.json"
+    if not path.is_file():
+        raise ReconstructError(f"{path}: no report yet; run 'twinstudio reconstruct run {root}'", path=str(path))
+    print_accuracy(json.loads(path.read_text()))
