@@ -123,7 +123,7 @@ def run_reconstruct(root: Path | str, options: ReconstructOptions = ReconstructO
         report.stages[name] = {"status": "done", "seconds": round(secs, 2), **figures}
         emit(StageEvent(name, "done", figures.get("summary", ""), secs))
 
-    stage("cameras", lambda: _cameras(root, out, options, gt, emit))
+    stage("cameras", lambda: _cameras(root, out, options, emit))
     stage("masks", lambda: _masks(root, out, options, gt, emit))
     stage("mesh", lambda: _mesh(root, out, options, emit), needs=("cameras",))
     stage("motion", lambda: _motion(root, out, options, emit), needs=("cameras",))
@@ -141,8 +141,8 @@ def run_reconstruct(root: Path | str, options: ReconstructOptions = ReconstructO
 # ----------------------------------------------------------------------------- stages
 
 
-def _cameras(root: Path, out: Path, options: ReconstructOptions, gt: GroundTruth | None, emit) -> dict:
-    from reconstruct.calibrate import CalibrationOptions, run_calibrate, score_cameras
+def _cameras(root: Path, out: Path, options: ReconstructOptions, emit) -> dict:
+    from reconstruct.calibrate import CalibrationOptions, run_calibrate
 
     how = options.cameras_from
     if how == "existing":
@@ -166,12 +166,13 @@ def _cameras(root: Path, out: Path, options: ReconstructOptions, gt: GroundTruth
 
         res = run_sfm(root, out, SfmOptions(take=options.stills_take),
                       rig_path=root / "rig.toml" if (root / "rig.toml").is_file() else None, on_event=emit)
-        scores = score_cameras(res.cameras, gt.cameras()) if gt is not None else None
-        return {"method": "sfm", "cameras": len(res.cameras), "registered": sorted(res.registered),
-                "unregistered": sorted(res.unregistered), "points": res.points,
+        g = res.ground_truth or {}
+        return {"method": "sfm", "take": res.take, "cameras": len(res.cameras), "registered": sorted(res.registered),
+                "unregistered": res.unregistered, "points": res.points, "frame": res.frame,
+                "reprojection_px": res.mean_reprojection_error_px,
                 "registered_fraction": len(res.registered) / max(1, len(res.registered) + len(res.unregistered)),
-                "ground_truth": {k: v for k, v in (scores or {}).items() if k != "cameras"} or None,
-                "summary": f"{len(res.registered)} cameras registered"}
+                "ground_truth": {k: v for k, v in g.items() if k != "cameras"} or None,
+                "summary": f"{len(res.registered)} cameras registered by SfM, {res.points} points"}
     raise ReconstructError(f"unknown camera source {options.cameras_from!r}", key="cameras_from")
 
 

@@ -184,13 +184,15 @@ def reconstruct_sfm(
     with progress_events(plain) as on_event:
         res = run_sfm(source, out, SfmOptions(), cameras_path=cameras, rig_path=rig, on_event=on_event)
     con = _console()
-    con.print(f"registered {len(res.registered)} camera(s), {res.points} points, "
-              f"reprojection {res.mean_reprojection_px:.3f} px, {res.seconds:.1f} s")
-    if res.unregistered:
-        con.print(f"[yellow]not registered[/]: {', '.join(sorted(res.unregistered))}")
+    reproj = f"{res.mean_reprojection_error_px:.3f} px" if res.mean_reprojection_error_px is not None else "-"
+    con.print(f"registered {len(res.registered)} camera(s), {res.points} points, reprojection {reproj}, "
+              f"{res.seconds:.1f} s ({'rig frame, metres' if res.frame == 'rig' else 'arbitrary frame and scale'})")
+    for cam, why in sorted(res.unregistered.items()):
+        con.print(f"[yellow]{cam}[/] not registered: {why}")
     if res.ground_truth:
         g = res.ground_truth
-        con.print(f"against ground truth: position {g['median_position_mm']:.2f} / {g['max_position_mm']:.2f} mm, "
+        con.print(f"against ground truth (similarity aligned): position {g['median_position_mm']:.2f} / "
+                  f"{g['max_position_mm']:.2f} mm, "
                   f"rotation {g['median_rotation_deg']:.4f} / {g['max_rotation_deg']:.4f} deg (median / max)")
     con.print(f"wrote {out / 'cameras.json'}")
 
