@@ -346,15 +346,22 @@ class _View:
         pc = p @ self.R.T + self.t
         z = pc[:, 2]
         zs = np.maximum(z, np.float32(1e-6))
-        x = pc[:, 0] / zs
-        y = pc[:, 1] / zs
+        # the lens polynomial holds inside the field of view only (beyond it, it can fold points back into
+        # the image, or overflow): points well outside it are sent far off the image
+        lim = np.float32(2.0 * max(self.w / self.fx, self.h / self.fy))
+        x = np.clip(pc[:, 0] / zs, -lim, lim)
+        y = np.clip(pc[:, 1] / zs, -lim, lim)
         k1, k2, p1, p2, k3 = self.dist
         xx, yy, xy = x * x, y * y, x * y
         r2 = xx + yy
         radial = 1 + r2 * (k1 + r2 * (k2 + r2 * k3))
         xd = x * radial + 2 * p1 * xy + p2 * (r2 + 2 * xx)
         yd = y * radial + p1 * (r2 + 2 * yy) + 2 * p2 * xy
-        return self.fx * xd + self.cx, self.fy * yd + self.cy, z
+        u, v = self.fx * xd + self.cx, self.fy * yd + self.cy
+        outside = (np.abs(x) >= lim) | (np.abs(y) >= lim)
+        u[outside] = np.float32(-1e6)
+        v[outside] = np.float32(-1e6)
+        return u, v, z
 
     def signed_metres(self, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Signed distance (m, + inside) of points [N, 3] to the silhouette cone, and whether each is in view."""
