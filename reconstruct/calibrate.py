@@ -58,6 +58,8 @@ class CalibrationOptions:
     """Corners whose reprojection error exceeds max(outlier_px, 5 x median) are rejected."""
     fix_k3: bool = False
     """Keep k3 = 0 (fewer parameters when views are scarce)."""
+    huber_px: float | None = 0.3
+    """Corner errors beyond this weigh linearly, not quadratically (Huber); None: plain least squares."""
     min_views: int = 3
     """A camera that saw the board in fewer views is reported, not solved (its lens would be guessed)."""
     workers: int | None = None
@@ -243,7 +245,7 @@ def solve_rig(dets: dict[tuple[str, int], BoardDetection], obj: np.ndarray, nomi
     keep = err < max(20.0, 3 * np.median(err))
     iterations = 0
     for _ in range(6):
-        state, it = bundle_adjust(state, obs_all.subset(keep), fix_k3=options.fix_k3)
+        state, it = bundle_adjust(state, obs_all.subset(keep), fix_k3=options.fix_k3, huber_px=options.huber_px)
         iterations += it
         err = np.linalg.norm(project_observations(state, obs_all) - obs_all.uv, axis=1)
         limit = max(options.outlier_px, 5 * float(np.median(err[keep])))
@@ -580,32 +582,47 @@ def _jacobian(state: RigState, obs: Observations, layout: _Layout) -> csr_matrix
 
 
 def bundle_adjust(state: RigState, obs: Observations, *, fixed_cam: int = 0, fix_k3: bool = False,
-                  max_iter: int = 50, tol: float = 1e-10) -> tuple[RigState, int]:
+                  max_iter: int = 50, tol: float = 1e-10, huber_px: float | None = None) -> tuple[RigState, int]:
     """Levenberg–Marquardt on every camera's intrinsics and pose and every board pose.
 
     Normal equations are formed densely (a rig has a few thousand parameters at
-    most) and solved by Cholesky with Marquardt's diagonal damping. Returns the
-    refined state and the iterations run.
+    most) and solved by Cholesky with Marquardt's diagonal damping. With
+    ``huber_px``, each corner's error is weighed by Huber's function
+    (iteratively reweighted): the detector's occasional half-pixel corner on an
+    oblique or blurred board pulls less. Returns the refined state and the
+    iterations run.
     """
     with threadpool_limits(1):  # a few hundred parameters: threaded BLAS only spins, and collapses under load
-        return _levenberg_marquardt(state, obs, fixed_cam, fix_k3, max_iter, tol)
+        return _levenberg_marquardt(state, obs, fixed_cam, fix_k3, max_iter, tol, huber_px)
 
 
 def _levenberg_marquardt(state: RigState, obs: Observations, fixed_cam: int, fix_k3: bool, max_iter: int,
-                         tol: float) -> tuple[RigState, int]:
+                         tol: float, huber_px: float | None) -> tuple[RigState, int]:
     layout = _Layout.make(len(state.intr), len(state.views), fixed_cam, fix_k3)
     if fix_k3:
         state = state.copy()
         state.intr[:, 8] = 0.0
-    r = (project_observations(state, obs) - obs.uv).ravel()
-    cost = float(r @ r)
+
+    def residuals(st: RigState) -> tuple[np.ndarray, np.ndarray, float]:
+        """Residuals [2N], per-row IRLS weights [2N] (Huber on each corner's error) and the robust cost."""
+        res = project_observations(st, obs) - obs.uv
+        if huber_px is None:
+            return res.ravel(), np.ones(res.size), float((res ** 2).sum())
+        e = np.linalg.norm(res, axis=1)
+        big = e > huber_px
+        w = np.where(big, huber_px / np.maximum(e, 1e-12), 1.0)
+        rho = np.where(big, 2 * huber_px * e - huber_px ** 2, e ** 2)
+        return res.ravel(), np.repeat(w, 2), float(rho.sum())
+
+    r, w, cost = residuals(state)
     lam = 1e-3
     iterations = 0
     while iterations < max_iter:
         iterations += 1
         J = _jacobian(state, obs, layout)
-        A = (J.T @ J).toarray()
-        g = J.T @ r
+        Jw = J.multiply(w[:, None]).tocsr()  # J^T W J and J^T W r
+        A = (Jw.T @ J).toarray()
+        g = Jw.T @ r
         d = np.maximum(np.diag(A), 1e-12)
         improved = False
         for _ in range(12):
@@ -616,8 +633,7 @@ def _levenberg_marquardt(state: RigState, obs: Observations, fixed_cam: int, fix
                 lam *= 10
                 continue
             trial = layout.apply(state, dx)
-            r_t = (project_observations(trial, obs) - obs.uv).ravel()
-            cost_t = float(r_t @ r_t)
+            r_t, w_t, cost_t = residuals(trial)
             if cost_t < cost:
                 improved = True
                 break
@@ -625,7 +641,7 @@ def _levenberg_marquardt(state: RigState, obs: Observations, fixed_cam: int, fix
         if not improved:
             break
         done = cost - cost_t < tol * cost
-        state, r, cost = trial, r_t, cost_t
+        state, r, w, cost = trial, r_t, w_t, cost_t
         lam = max(lam / 10, 1e-9)
         if done:
             break
