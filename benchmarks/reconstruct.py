@@ -127,7 +127,7 @@ def bench_motion(render: Path, out: Path) -> None:
         return
     g = m["ground_truth"]
     line("motion median 3D error mm", g["median_mm"], "mm", "<= 5")
-    for k in ("p90_mm", "tracks_kept_fraction"):
+    for k in ("p90_mm", "kept_fraction"):
         if k in g:
             line(f"motion {k}", g[k])
     line("motion tracks", m.get("tracks", 0))
@@ -135,15 +135,25 @@ def bench_motion(render: Path, out: Path) -> None:
 
 
 def bench_sfm(render: Path, out: Path) -> None:
+    import json
+
     from reconstruct.inputs import GroundTruth
-    from reconstruct.sfm import SfmOptions, run_sfm, score_sfm
+    from reconstruct.sfm import SfmError, SfmOptions, run_sfm, score_sfm
 
     t0 = time.perf_counter()
-    res = run_sfm(render, out / "sfm", SfmOptions(), rig_path=render / "rig.toml")
+    try:
+        res = run_sfm(render, out / "sfm", SfmOptions(), rig_path=render / "rig.toml")
+        cams, registered = res.cameras, res.registered
+    except SfmError as e:  # the model is written all the same: score what it holds
+        print(f"# sfm refused its result: {e}")
+        from reconstruct.inputs import read_cameras
+
+        cams = read_cameras(out / "sfm" / "cameras.json")
+        registered = json.loads((out / "sfm" / "cameras.json").read_text())["registered"]
     secs = time.perf_counter() - t0
     gt = GroundTruth.find(render).cameras()
-    s = score_sfm(res.cameras, gt)
-    line("sfm cameras registered", len(res.registered), "", f"= {len(gt)}")
+    s = score_sfm(cams, gt)
+    line("sfm cameras registered", len(registered), "", f"= {len(gt)}")
     line("sfm max position error mm (similarity aligned)", s["max_position_mm"], "mm", "<= 2")
     line("sfm max rotation error deg", s["max_rotation_deg"], "deg", "<= 0.1")
     line("sfm median position error mm", s["median_position_mm"], "mm")

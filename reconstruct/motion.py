@@ -562,7 +562,7 @@ def write_trajectories(report: MotionReport) -> None:
     if report.options is not None:
         doc["options"] = asdict(report.options)
     if report.score is not None:
-        doc["scores"] = report.score.to_dict()
+        doc["ground_truth"] = report.score.to_dict()
     atomic_write_json(report.manifest_path, doc, fsync=False)
 
 

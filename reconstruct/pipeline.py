@@ -164,8 +164,13 @@ def _cameras(root: Path, out: Path, options: ReconstructOptions, emit) -> dict:
     if how == "sfm":
         from reconstruct.sfm import SfmOptions, run_sfm
 
-        res = run_sfm(root, out, SfmOptions(take=options.stills_take),
+        import shutil
+
+        res = run_sfm(root, out / "sfm", SfmOptions(take=options.stills_take),
                       rig_path=root / "rig.toml" if (root / "rig.toml").is_file() else None, on_event=emit)
+        # the later stages read recon/cameras.json: it holds SfM's cameras only once SfM accepted them
+        shutil.copyfile(res.cameras_path, out / "cameras.json")
+        shutil.copytree(res.colmap_dir, out / "colmap", dirs_exist_ok=True)
         g = res.ground_truth or {}
         return {"method": "sfm", "take": res.take, "cameras": len(res.cameras), "registered": sorted(res.registered),
                 "unregistered": res.unregistered, "points": res.points, "frame": res.frame,
@@ -228,8 +233,10 @@ def _motion(root: Path, out: Path, options: ReconstructOptions, emit) -> dict:
     doc = _read_json(out / "motion" / take / "motion.json")
     doc.pop("schema", None)
     doc.pop("version", None)
+    g = doc.get("ground_truth") or {}
     return {**doc, "dir": str((out / "motion" / take).relative_to(out)),
-            "summary": f"{doc.get('tracks', '?')} tracks"}
+            "summary": f"{doc.get('tracks', '?')} tracks over {doc.get('frames', '?')} frames"
+                       + (f", median error {g['median_mm']:.2f} mm" if "median_mm" in g else "")}
 
 
 # ----------------------------------------------------------------------------- report

@@ -98,6 +98,10 @@ _MASK_FRACTION = (0.001, 0.9)
 _CROP_MARGIN = 32
 
 
+#: a registered camera farther than this (and than 4x the median) from its rig-file position is rejected
+RIG_TOLERANCE_M = 0.1
+
+
 class SfmError(ReconstructError):
     """Structure from motion cannot be done from these images (exit code 2)."""
 
@@ -821,14 +825,34 @@ def run_sfm(source: Path | str, out_dir: Path | str, options: SfmOptions = SfmOp
         if len(common) >= 3:
             src = np.array([cameras[c].pose.center for c in common])
             dst = np.array([nominal[c] for c in common])
-            s, R, t = umeyama(src, dst)
-            res = np.linalg.norm((s * (R @ src.T)).T + t - dst, axis=1)
+            # robust fit: a camera registered far from where the rig file puts it (a false registration
+            # on the plain backdrop) would tilt every other camera; fit without it and leave it out
+            inl = np.ones(len(common), dtype=bool)
+            for _ in range(10):
+                s, R, t = umeyama(src[inl], dst[inl])
+                res = np.linalg.norm((s * (R @ src.T)).T + t - dst, axis=1)
+                new = res <= max(RIG_TOLERANCE_M, 4 * float(np.median(res[inl])))
+                if new.sum() < 3 or np.array_equal(new, inl):
+                    break
+                inl = new
+            for c, r_m, ok in zip(common, res, inl):
+                if not ok:
+                    unregistered[c] = (f"registered {r_m:.2f} m from its rig-file position after alignment: "
+                                       "a false registration, left out")
+                    cameras.pop(c)
+            registered = [c for c in registered if c in cameras]
             rec.transform(pycolmap.Sim3d(s, pycolmap.Rotation3d(R), t))
             cameras = {c: _apply_similarity(cam, s, R, t) for c, cam in cameras.items()}
             frame = "rig"
-            alignment = {"method": "umeyama similarity of camera centres to the rig's nominal positions",
-                         "rig": str(inputs.rig_path), "cameras": len(common), "scale": s,
-                         "rms_m": float(np.sqrt(np.mean(res ** 2))), "max_m": float(res.max())}
+            alignment = {"method": "umeyama similarity of camera centres to the rig's nominal positions, "
+                                   "false registrations left out",
+                         "rig": str(inputs.rig_path), "cameras": int(inl.sum()), "scale": s,
+                         "rms_m": float(np.sqrt(np.mean(res[inl] ** 2))), "max_m": float(res[inl].max()),
+                         "left_out": [c for c, ok in zip(common, inl) if not ok]}
+            if len(registered) < options.min_registered:
+                raise SfmError(f"{inputs.image_root}: only {len(registered)} camera(s) agree with the rig "
+                               f"file after alignment; {options.min_registered} needed",
+                               path=str(inputs.image_root), registered=registered, unregistered=sorted(unregistered))
 
     points = np.array([p.xyz for p in rec.points3D.values()]).reshape(-1, 3)  # [N, 3]
     colors = np.array([p.color for p in rec.points3D.values()], dtype=np.uint8).reshape(-1, 3)
@@ -865,6 +889,12 @@ def run_sfm(source: Path | str, out_dir: Path | str, options: SfmOptions = SfmOp
                   software=f"pycolmap {pycolmap.__version__}")
     if on_event:
         on_event(SfmProgress("writing", 1, 1))
+    if alignment is not None and alignment["rms_m"] > RIG_TOLERANCE_M:
+        raise SfmError(f"{inputs.image_root}: the SfM cameras disagree with the rig file by "
+                       f"{alignment['rms_m']:.2f} m RMS after alignment (a distorted reconstruction: too few "
+                       f"features on the subject, a plain backdrop); not used. Shoot a calibration take. "
+                       f"The model is in {out} for inspection.", path=str(inputs.image_root),
+                       rms_m=alignment["rms_m"], out=str(out))
     return result
 
 

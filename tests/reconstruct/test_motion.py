@@ -186,7 +186,7 @@ def test_motion_outputs_agree(tracked):
     assert doc["schema"] == MOTION_SCHEMA and doc["version"] == 1
     assert doc["take"] == TAKE and doc["frames"] == FRAMES and doc["tracks"] == len(report.track_ids)
     assert doc["cameras_used"] == list(CAMERAS) and doc["cameras_skipped"] == {} and doc["time_source"] == "fps"
-    assert doc["scores"]["median_mm"] == pytest.approx(report.score.median_mm, abs=1e-3)
+    assert doc["ground_truth"]["median_mm"] == pytest.approx(report.score.median_mm, abs=1e-3)
     assert doc["tracks_per_frame"] == live.sum(axis=1).tolist()
     assert doc["options"]["min_new_views"] == 4 and doc["options"]["patch_half"] == _options().patch_half
 

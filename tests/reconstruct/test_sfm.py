@@ -127,6 +127,18 @@ def test_stills_outputs_match_calibration_form(stills_sfm):
 # ----------------------------------------------------------------------------- a plain folder
 
 
+def test_a_result_that_disagrees_with_the_rig_is_refused(render, tmp_path, monkeypatch):
+    """SfM on a plain backdrop can converge to a distorted rig; checked against the rig file, it is refused
+    (here by a tolerance no real result meets), and the model is left for inspection."""
+    import reconstruct.sfm as sfm
+
+    monkeypatch.setattr(sfm, "RIG_TOLERANCE_M", 1e-6)
+    with pytest.raises(SfmError, match="disagree with the rig file") as info:
+        run_sfm(render, tmp_path / "out", SfmOptions(threads=2))
+    assert info.value.facts["rms_m"] > 1e-6
+    assert (tmp_path / "out" / "cameras.json").is_file()
+
+
 def test_plain_folder_uses_file_stems_skips_unreadable_and_lists_unregistered(render, tmp_path):
     photos = tmp_path / "photos"
     photos.mkdir()
