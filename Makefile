@@ -41,6 +41,7 @@ test-all: setup
 bench: setup
 	$(PY) benchmarks/render.py
 	$(PY) benchmarks/capture.py
+	$(PY) benchmarks/reconstruct.py
 
 clean:
 	rm -rf out .pytest_cache

@@ -301,8 +301,12 @@ def _parse(tokens: list[str], kinds: str, path: Path, lineno: int, what: str) ->
     return out
 
 
-def _intrinsics(model: str, width: int, height: int, p: list[float], path: Path, lineno: int) -> Intrinsics:
+def colmap_intrinsics(model: str, width: int, height: int, p: list[float], path: Path | None = None,
+                      lineno: int | None = None) -> Intrinsics:
+    """Twinstudio intrinsics (OpenCV pixel convention) of a COLMAP camera model and its parameters."""
     off = PIXEL_OFFSET
+    if model not in ("SIMPLE_PINHOLE", "PINHOLE", "SIMPLE_RADIAL", "RADIAL", "OPENCV", "FULL_OPENCV"):
+        raise ColmapError(f"COLMAP camera model {model} is not supported", path=path, line=lineno, model=model)
     if model == "SIMPLE_PINHOLE":
         fx = fy = p[0]
         cx, cy, dist = p[1], p[2], (0.0,) * 5
@@ -351,7 +355,7 @@ def _read_cameras(path: Path) -> dict[int, Intrinsics]:
         params = _parse(tok[4:], "f" * n, path, lineno, f"{model} parameters")
         if cam_id in cams:
             raise ColmapError(f"CAMERA_ID {cam_id} appears twice", path=path, line=lineno)
-        cams[cam_id] = _intrinsics(model, width, height, params, path, lineno)
+        cams[cam_id] = colmap_intrinsics(model, width, height, params, path, lineno)
     return cams
 
 

@@ -216,13 +216,10 @@ def _mesh(root: Path, out: Path, options: ReconstructOptions, emit) -> dict:
     masks = out / "masks" / take
     run_mesh(root, out / "cameras.json", out / "mesh" / take, take=take, frame=options.mesh_frame,
              masks_dir=masks if (masks / "masks.json").is_file() else None, options=MeshOptions(), on_event=emit)
-    doc = _read_json(out / "mesh" / take / "mesh.json")
-    doc.pop("schema", None)
-    doc.pop("version", None)
+    doc = _stage_doc(out, out / "mesh" / take / "mesh.json")
     g = doc.get("ground_truth") or {}
-    return {**doc, "dir": str((out / "mesh" / take).relative_to(out)),
-            "summary": f"{doc.get('vertices', '?')} vertices"
-                       + (f", Chamfer {g['chamfer_mm']:.2f} mm" if "chamfer_mm" in g else "")}
+    return {**doc, "summary": f"{doc.get('vertices', '?')} vertices"
+                              + (f", Chamfer {g['chamfer_mm']:.2f} mm" if "chamfer_mm" in g else "")}
 
 
 def _motion(root: Path, out: Path, options: ReconstructOptions, emit) -> dict:
@@ -230,13 +227,10 @@ def _motion(root: Path, out: Path, options: ReconstructOptions, emit) -> dict:
 
     take = find_take(root, "motion", options.motion_take)
     run_motion(root, out / "cameras.json", out / "motion" / take, MotionOptions(take=take), on_event=emit)
-    doc = _read_json(out / "motion" / take / "motion.json")
-    doc.pop("schema", None)
-    doc.pop("version", None)
+    doc = _stage_doc(out, out / "motion" / take / "motion.json")
     g = doc.get("ground_truth") or {}
-    return {**doc, "dir": str((out / "motion" / take).relative_to(out)),
-            "summary": f"{doc.get('tracks', '?')} tracks over {doc.get('frames', '?')} frames"
-                       + (f", median error {g['median_mm']:.2f} mm" if "median_mm" in g else "")}
+    return {**doc, "summary": f"{doc.get('tracks', '?')} tracks over {doc.get('frames', '?')} frames"
+                              + (f", median error {g['median_mm']:.2f} mm" if "median_mm" in g else "")}
 
 
 # ----------------------------------------------------------------------------- report
@@ -275,6 +269,14 @@ def accuracy_rows(stages: dict[str, dict]) -> list[dict]:
         rows.append({"key": key, "figure": label, "value": float(v), "unit": unit, "target": f"{op} {limit:g}",
                      "ok": bool(ok)})
     return rows
+
+
+def _stage_doc(out: Path, manifest: Path) -> dict:
+    """A stage's own manifest as report figures: without its schema, with its folder (relative to ``out``)."""
+    doc = _read_json(manifest)
+    doc.pop("schema", None)
+    doc.pop("version", None)
+    return {**doc, "dir": str(manifest.parent.relative_to(out))}
 
 
 def _read_json(path: Path) -> dict:

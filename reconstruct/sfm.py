@@ -76,7 +76,7 @@ from typing import Literal
 import cv2
 import numpy as np
 
-from reconstruct.colmap_io import ColmapError, read_colmap_text, write_colmap_text
+from reconstruct.colmap_io import ColmapError, colmap_intrinsics, read_colmap_text, write_colmap_text
 from reconstruct.inputs import (
     IMAGE_SUFFIXES,
     GroundTruth,
@@ -373,29 +373,7 @@ def _colmap_camera(intr: Intrinsics | None, size: tuple[int, int]):
 
 def _intrinsics_of(cam) -> Intrinsics:
     """Twinstudio intrinsics (OpenCV pixels) of a pycolmap camera."""
-    p = [float(x) for x in cam.params]
-    name = cam.model.name
-    if name == "SIMPLE_RADIAL":
-        fx = fy = p[0]
-        cx, cy, dist = p[1], p[2], (p[3], 0.0, 0.0, 0.0, 0.0)
-    elif name == "SIMPLE_PINHOLE":
-        fx = fy = p[0]
-        cx, cy, dist = p[1], p[2], (0.0,) * 5
-    elif name == "PINHOLE":
-        fx, fy, cx, cy = p
-        dist = (0.0,) * 5
-    elif name == "RADIAL":
-        fx = fy = p[0]
-        cx, cy, dist = p[1], p[2], (p[3], p[4], 0.0, 0.0, 0.0)
-    elif name == "OPENCV":
-        fx, fy, cx, cy = p[:4]
-        dist = (p[4], p[5], p[6], p[7], 0.0)
-    elif name == "FULL_OPENCV":
-        fx, fy, cx, cy = p[:4]
-        dist = (p[4], p[5], p[6], p[7], p[8])
-    else:
-        raise SfmError(f"COLMAP camera model {name} is not supported", model=name)
-    return Intrinsics(int(cam.width), int(cam.height), fx, fy, cx - _HALF, cy - _HALF, tuple(dist))  # type: ignore[arg-type]
+    return colmap_intrinsics(cam.model.name, int(cam.width), int(cam.height), [float(x) for x in cam.params])
 
 
 # ----------------------------------------------------------------------------- COLMAP plumbing
