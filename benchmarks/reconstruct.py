@@ -114,7 +114,8 @@ def bench_mesh(render: Path, out: Path) -> None:
     g = m["ground_truth"]
     line("mesh chamfer mm (calibrated cameras)", g["chamfer_mm"], "mm", "<= 5")
     line("mesh F-score at 5 mm", g["fscore"], "", ">= 0.9")
-    line("mesh s (24 cameras, 1280x960)", m["seconds"], "s", "<= 60")
+    line("mesh build s (24 cameras, 1280x960)", m["build_seconds"], "s", "<= 60")
+    line("mesh stage s (with reading images and scoring)", m["seconds"], "s")
 
 
 def bench_motion(render: Path, out: Path) -> None:

@@ -44,7 +44,7 @@ TARGETS: dict[str, tuple[str, str, str, float]] = {
     "masks.mean_iou": ("mask IoU (mean)", "", ">=", 0.97),
     "mesh.chamfer_mm": ("mesh Chamfer distance", "mm", "<=", 5.0),
     "mesh.fscore": ("mesh F-score at 5 mm", "", ">=", 0.9),
-    "mesh.seconds": ("mesh time", "s", "<=", 60.0),
+    "mesh.seconds": ("mesh build time", "s", "<=", 60.0),
     "motion.median_mm": ("motion 3D error (median)", "mm", "<=", 5.0),
 }
 
@@ -120,7 +120,7 @@ def run_reconstruct(root: Path | str, options: ReconstructOptions = ReconstructO
             emit(StageEvent(name, "skipped", str(e), time.perf_counter() - s0))
             return
         secs = time.perf_counter() - s0
-        report.stages[name] = {"status": "done", "seconds": round(secs, 2), **figures}
+        report.stages[name] = {"status": "done", **figures, "seconds": round(secs, 2)}
         emit(StageEvent(name, "done", figures.get("summary", ""), secs))
 
     stage("cameras", lambda: _cameras(root, out, options, emit))
@@ -217,6 +217,7 @@ def _mesh(root: Path, out: Path, options: ReconstructOptions, emit) -> dict:
     run_mesh(root, out / "cameras.json", out / "mesh" / take, take=take, frame=options.mesh_frame,
              masks_dir=masks if (masks / "masks.json").is_file() else None, options=MeshOptions(), on_event=emit)
     doc = _stage_doc(out, out / "mesh" / take / "mesh.json")
+    doc["build_seconds"] = doc.pop("seconds", None)  # the mesh itself, without reading and scoring
     g = doc.get("ground_truth") or {}
     return {**doc, "summary": f"{doc.get('vertices', '?')} vertices"
                               + (f", Chamfer {g['chamfer_mm']:.2f} mm" if "chamfer_mm" in g else "")}
@@ -255,8 +256,8 @@ def accuracy_rows(stages: dict[str, dict]) -> list[dict]:
     for k in ("chamfer_mm", "fscore"):
         if (mesh.get("ground_truth") or {}).get(k) is not None:
             values[f"mesh.{k}"] = mesh["ground_truth"][k]
-    if mesh.get("status") == "done":
-        values["mesh.seconds"] = mesh.get("seconds")
+    if mesh.get("build_seconds") is not None:
+        values["mesh.seconds"] = mesh["build_seconds"]
     motion = stages.get("motion", {})
     if (motion.get("ground_truth") or {}).get("median_mm") is not None:
         values["motion.median_mm"] = motion["ground_truth"]["median_mm"]
