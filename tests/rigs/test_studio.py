@@ -237,7 +237,7 @@ def test_run_render_layout_manifest_and_hashes(tmp_path):
     assert [f["time"] for f in gt["frames"]] == pytest.approx([0, 1 / 24, 2 / 24])
     assert "birthmark" in gt["frames"][1]["landmarks"] and "head" in gt["frames"][1]["joints"]
     calib = json.loads((out / "takes/calib-001/gt/frames.json").read_text())
-    assert calib["board"]["squares"] == [7, 5] and "board_to_world" in calib["frames"][0]
+    assert calib["board"]["squares"] == [10, 7] and "board_to_world" in calib["frames"][0]
     stills = json.loads((out / "takes/stills-002/gt/frames.json").read_text())
     assert [f["step"] for f in stills["frames"]] == [s.name for s in rig.preset_steps()]
     img = cv2.imread(str(out / "takes/stills-002/cam01/000000.jpg"))
@@ -249,7 +249,8 @@ def test_board_pose_is_board_to_world(studio, rig):
     bp = board_poses(studio.board, rig.volume, 3, seed=1)[0]
     assert isinstance(bp, Pose)
     centre = studio.board.corners.mean(0) @ bp.R.T + bp.t
-    assert 0.4 < centre[2] < 1.9 and np.hypot(centre[0], centre[1]) < rig.volume.radius
+    # the technician walks the board over the stage, beyond the capture volume (reach 1.8 x its radius)
+    assert 0.4 < centre[2] < 1.9 and np.hypot(centre[0], centre[1]) < 1.8 * rig.volume.radius
 
 
 def test_unknown_camera_is_refused_before_writing(tmp_path):
