@@ -326,3 +326,20 @@ def test_full_size_ring_of_24(tmp_path):
     assert result.unregistered == {} and gt["registered"] == 24
     assert gt["median_position_mm"] < 15 and gt["max_position_mm"] < 40
     assert gt["median_rotation_deg"] < 0.4 and gt["max_rotation_deg"] < 0.8
+
+
+def test_cli_sfm_and_import(render, tmp_path, capsys):
+    from twinstudio.cli import main
+
+    out = tmp_path / "sfm"
+    assert main(["reconstruct", "sfm", str(render), "--out", str(out), "--plain"]) == 0
+    text = capsys.readouterr().out
+    assert f"registered {len(CAMERAS)} camera(s)" in text and "rig frame, metres" in text
+    assert "against ground truth (similarity aligned)" in text
+    assert main(["reconstruct", "import-colmap", str(out / "colmap"), "--out", str(tmp_path / "imported")]) == 0
+    assert f"imported {len(CAMERAS)} camera(s)" in capsys.readouterr().out
+    assert set(read_cameras(tmp_path / "imported" / "cameras.json")) == set(CAMERAS)
+    # a folder that holds no photos: exit 2 and the reason
+    (tmp_path / "empty").mkdir()
+    assert main(["reconstruct", "sfm", str(tmp_path / "empty"), "--out", str(tmp_path / "x"), "--plain"]) == 2
+    assert "error" in capsys.readouterr().err
