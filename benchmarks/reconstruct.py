@@ -56,7 +56,7 @@ def bench_calibration(render: Path, out: Path) -> None:
         solve_rig,
     )
     from reconstruct.charuco import board_corners, make_board
-    from reconstruct.inputs import GroundTruth, find_take, take_images
+    from reconstruct.inputs import GroundTruth, find_take, take_images, write_cameras
     from rigs.rigfile import load_rig
 
     rig = load_rig(render / "rig.toml")
@@ -87,29 +87,35 @@ def bench_calibration(render: Path, out: Path) -> None:
     line("calibration detection s", t_detect, "s")
     line("calibration bundle adjustment s", t_ba, "s")
     line("calibration baseline s", t_base, "s")
-    # the cameras the other parts use
-    from reconstruct.calibrate import run_calibrate
+    # the cameras the other parts use, from the same solution
+    write_cameras(out / "cameras.json", [cc.camera for cc in sol.cameras.values()], method="calibration", take=take)
 
-    run_calibrate(render, CalibrationOptions(), out_dir=out)
+
+def run_stage(render: Path, out: Path, name: str) -> dict | None:
+    """One stage of the pipeline on the calibrated cameras; its report entry, or None (reason printed)."""
+    from reconstruct.pipeline import ReconstructOptions, run_reconstruct
+
+    rep = run_reconstruct(render, ReconstructOptions(stages=(name,), cameras_from="existing"), out_dir=out)
+    stage = rep.stages[name]
+    if stage["status"] != "done":
+        print(f"# {name} skipped: {stage.get('reason')}")
+        return None
+    return stage
 
 
 def bench_masks(render: Path, out: Path) -> None:
-    from reconstruct.pipeline import ReconstructOptions, run_reconstruct
-
-    rep = run_reconstruct(render, ReconstructOptions(stages=("masks",), cameras_from="existing"), out_dir=out)
-    g = rep.stages["masks"]["ground_truth"]
+    m = run_stage(render, out, "masks")
+    if m is None:
+        return
+    g = m["ground_truth"]
     line("masks mean IoU (stills, all lighting steps)", g["mean_iou"], "", ">= 0.97")
     line("masks min IoU", g["min_iou"])
-    line("masks s", rep.stages["masks"]["seconds"], "s")
+    line("masks s", m["seconds"], "s")
 
 
 def bench_mesh(render: Path, out: Path) -> None:
-    from reconstruct.pipeline import ReconstructOptions, run_reconstruct
-
-    rep = run_reconstruct(render, ReconstructOptions(stages=("mesh",), cameras_from="existing"), out_dir=out)
-    m = rep.stages["mesh"]
-    if m["status"] != "done":
-        print(f"# mesh skipped: {m.get('reason')}")
+    m = run_stage(render, out, "mesh")
+    if m is None:
         return
     g = m["ground_truth"]
     line("mesh chamfer mm (calibrated cameras)", g["chamfer_mm"], "mm", "<= 5")
@@ -119,12 +125,8 @@ def bench_mesh(render: Path, out: Path) -> None:
 
 
 def bench_motion(render: Path, out: Path) -> None:
-    from reconstruct.pipeline import ReconstructOptions, run_reconstruct
-
-    rep = run_reconstruct(render, ReconstructOptions(stages=("motion",), cameras_from="existing"), out_dir=out)
-    m = rep.stages["motion"]
-    if m["status"] != "done":
-        print(f"# motion skipped: {m.get('reason')}")
+    m = run_stage(render, out, "motion")
+    if m is None:
         return
     g = m["ground_truth"]
     line("motion median 3D error mm", g["median_mm"], "mm", "<= 5")

@@ -85,19 +85,26 @@ class CameraCalibration:
 
 
 @dataclass
-class CalibrationResult:
+class RigSolution:
     cameras: dict[str, CameraCalibration]
     unreached: dict[str, str]  # camera -> why it was not solved
     rms_px: float
     observations: int
     rejected: int
-    seconds: float
-    out_dir: Path
-    ground_truth: dict | None = None
-    skipped_images: list[str] = field(default_factory=list)
-    views: int = 0
-    iterations: int = 0
+    views: int
+    iterations: int
+    board_poses: dict[int, Pose]  # board view -> board-to-world, rig frame
+
+
+@dataclass
+class CalibrationResult(RigSolution):
+    """A rig solution from a capture's calibration take, as written to ``cameras.json``."""
+
+    seconds: float = 0.0
+    out_dir: Path = Path("recon")
     take: str = ""
+    skipped_images: list[str] = field(default_factory=list)
+    ground_truth: dict | None = None
 
 
 def detect_images(images: dict[tuple[str, int], Path], spec: BoardSpec, min_corners: int = 8,
@@ -172,26 +179,14 @@ def run_calibrate(root: Path | str, options: CalibrationOptions = CalibrationOpt
     dets, skipped = detect_images(images, rig.calibration.board, options.min_corners, options.workers, on_event)
     obj = board_corners(make_board(rig.calibration.board))
     sol = solve_rig(dets, obj, {c.id: c for c in rig.cameras}, options, take=take)
-    result = CalibrationResult(sol.cameras, sol.unreached, sol.rms_px, sol.observations, sol.rejected,
-                               time.perf_counter() - t0, Path(out_dir) if out_dir else root / "recon",
-                               skipped_images=skipped, views=sol.views, iterations=sol.iterations, take=take)
+    result = CalibrationResult(**vars(sol), seconds=time.perf_counter() - t0,
+                               out_dir=Path(out_dir) if out_dir else root / "recon", take=take,
+                               skipped_images=skipped)
     gt = GroundTruth.find(root)
     if gt is not None:
         result.ground_truth = score_cameras({c: cc.camera for c, cc in result.cameras.items()}, gt.cameras())
     _write(result)
     return result
-
-
-@dataclass
-class RigSolution:
-    cameras: dict[str, CameraCalibration]
-    unreached: dict[str, str]  # camera -> why it was not solved
-    rms_px: float
-    observations: int
-    rejected: int
-    views: int
-    iterations: int
-    board_poses: dict[int, Pose]  # board view -> board-to-world, rig frame
 
 
 def solve_rig(dets: dict[tuple[str, int], BoardDetection], obj: np.ndarray, nominal: dict[str, Camera],

@@ -94,14 +94,13 @@ from typing import Literal
 import cv2
 import numpy as np
 
+from reconstruct.inputs import IMAGE_SUFFIXES  # image files run_masks picks up in a folder
 from rigs.errors import ShapeError, TwinstudioError
 from rigs.fileio import atomic_write_bytes, atomic_write_json
 from rigs.pngio import encode_png
 
 MASKS_SCHEMA = "twinstudio.masks"
 MASKS_SCHEMA_VERSION = 1
-#: image files ``run_masks`` picks up in a folder: ``<frame digits>.<ext>``, outside ``gt`` folders
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 PlateSource = Path | str | Callable[[Path], Path | str | None] | None
 
