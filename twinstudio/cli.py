@@ -35,10 +35,12 @@ err_console = _console(stderr=True)
 from twinstudio.cli_capture import capture_app, consent_app  # noqa: E402 - needs the consoles above
 
 from twinstudio.cli_reconstruct import reconstruct_app  # noqa: E402
+from twinstudio.cli_train import train_app  # noqa: E402
 
 app.add_typer(consent_app, name="consent")
 app.add_typer(capture_app, name="capture")
 app.add_typer(reconstruct_app, name="reconstruct")
+app.add_typer(train_app, name="train")
 
 DEFAULT_RIG = "virtual-ring-24"
 

@@ -1,0 +1,346 @@
+"""Export a capture to a nerfstudio dataset: ``transforms.json`` + images + masks + seed points.
+
+The dataset is what nerfstudio's ``nerfstudio-data`` dataparser reads:
+
+- one frame per (camera, still) with its own intrinsics and OpenCV distortion
+  (``fl_x fl_y cx cy w h k1 k2 p1 p2 k3``; the principal point moved by half a
+  pixel, since nerfstudio puts the top-left pixel's centre at (0.5, 0.5)),
+  camera-to-world in nerfstudio's OpenGL axes (converted in
+  :func:`rigs.geometry.opencv_to_nerfstudio_c2w`, the one place that does it),
+  ``mask_path``, and twinstudio's metadata: camera, take, frame, lighting preset
+  (name and index) and, for motion frames, ``time`` in seconds;
+- ``train_filenames`` / ``val_filenames`` / ``test_filenames``: whole cameras are
+  held out, so evaluation is on views the twin never saw;
+- ``images_<d>/`` and ``masks_<d>/`` at 1/2, 1/4, 1/8 (nerfstudio's layout for
+  its ``downscale_factor``), ``sparse_pc.ply`` seed points from the
+  reconstructed mesh, so splats start on the subject's surface.
+
+Positions stay in the studio's frame (metres, z up): twin-splat's dataparser
+applies no re-orientation or scaling, so a trained splat is already where the
+mesh, the cameras and the motion trajectories are. Images are hard-linked (or
+copied) from the take, never rewritten.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from reconstruct.inputs import GroundTruth, find_take, read_cameras, take_images
+from rigs.errors import TwinstudioError
+from rigs.fileio import atomic_write_bytes, atomic_write_json
+from rigs.geometry import Camera, opencv_to_nerfstudio_c2w
+
+DATASET_SCHEMA = "twinstudio.nerfstudio-dataset"
+DATASET_VERSION = 1
+DATASET_DIR = "dataset"  # <root>/train/dataset
+DOWNSCALES = (2, 4, 8)
+
+
+class TrainError(TwinstudioError):
+    """Training inputs or settings are unusable (exit code 2): names the file, take or camera."""
+
+    exit_code = 2
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    take: str | None = None                 # stills take (default: the latest)
+    motion_take: str | None = None          # also export this motion take's frames (with time)
+    holdout: tuple[str, ...] | None = None  # cameras held out for evaluation (default: every 6th)
+    holdout_every: int = 6
+    downscales: tuple[int, ...] = DOWNSCALES
+    seed_points: int = 30_000               # points sampled from the reconstructed mesh
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.holdout_every < 2:
+            raise TrainError(f"holdout_every must be >= 2, not {self.holdout_every}")
+        if any(d not in (2, 4, 8, 16) for d in self.downscales):
+            raise TrainError(f"downscales must be among 2, 4, 8, 16, not {self.downscales}")
+        if self.seed_points < 0:
+            raise TrainError(f"seed_points must be >= 0, not {self.seed_points}")
+
+
+@dataclass
+class ExportResult:
+    out_dir: Path
+    transforms: Path
+    frames: int
+    train_cameras: list[str]
+    holdout_cameras: list[str]
+    presets: list[str]
+    seed_points: int
+    skipped: dict[str, str] = field(default_factory=dict)  # camera or image -> reason
+    seconds: float = 0.0
+
+
+def default_dataset_dir(root: Path | str) -> Path:
+    return Path(root) / "train" / DATASET_DIR
+
+
+def default_holdout(cameras: Sequence[str], every: int = 6) -> list[str]:
+    """Every ``every``-th camera, starting in the middle of the first group (spread around the rig)."""
+    cams = sorted(cameras)
+    if len(cams) < 2:
+        raise TrainError(f"a held-out camera needs at least 2 cameras, the capture has {len(cams)}")
+    picked = cams[min(every // 2, len(cams) - 1)::every]
+    return picked if len(picked) < len(cams) else picked[:1]
+
+
+def frame_lighting(root: Path, take: str) -> dict[int, tuple[str, float]]:
+    """``{frame: (lighting preset, time s)}`` of a take, from the session (or the virtual render's truth)."""
+    if (root / "session.json").is_file():
+        from capture.session import read_manifest
+
+        rec = read_manifest(root).takes.get(take)
+        if rec is None:
+            raise TrainError(f"{root / 'session.json'}: no take {take!r}", path=str(root), take=take)
+        return {f.index: (f.step or "default", float(f.time)) for f in rec.frames}
+    gt = GroundTruth.find(root)
+    if gt is None:
+        raise TrainError(f"{root}: neither a session (no session.json) nor a virtual render", path=str(root))
+    return {f["index"]: (f.get("preset") or f.get("step") or "default", float(f.get("time", 0.0)))
+            for f in gt.frames(take)["frames"]}
+
+
+def export_dataset(root: Path | str, out_dir: Path | str | None = None, options: ExportOptions = ExportOptions(),
+                   *, cameras_path: Path | str | None = None, masks_dir: Path | str | None = None,
+                   mesh_path: Path | str | None = None,
+                   on_event: Callable[[dict], None] | None = None) -> ExportResult:
+    """Write the nerfstudio dataset of a session (or virtual render folder) and return what it holds.
+
+    ``cameras_path`` defaults to ``<root>/recon/cameras.json``, ``masks_dir`` to
+    ``<root>/recon/masks`` and ``mesh_path`` to the take's reconstructed mesh;
+    the masks are required (the twin is trained against them), the mesh is not
+    (without it training starts from random points in the capture volume).
+    """
+    t0 = time.perf_counter()
+    root = Path(root)
+    emit = on_event or (lambda ev: None)
+    out = Path(out_dir) if out_dir is not None else default_dataset_dir(root)
+    cameras_path = Path(cameras_path) if cameras_path is not None else root / "recon" / "cameras.json"
+    masks_root = Path(masks_dir) if masks_dir is not None else root / "recon" / "masks"
+    if not cameras_path.is_file():
+        raise TrainError(f"{cameras_path}: no calibrated cameras; run 'twinstudio reconstruct run {root}' first",
+                         path=str(cameras_path))
+    cameras = read_cameras(cameras_path)
+    take = find_take(root, "stills", options.take)
+    takes = [take] + ([find_take(root, "motion", options.motion_take)] if options.motion_take else [])
+
+    holdout = sorted(options.holdout) if options.holdout is not None else default_holdout(cameras,
+                                                                                         options.holdout_every)
+    unknown = sorted(set(holdout) - set(cameras))
+    if unknown:
+        raise TrainError(f"held-out camera(s) {', '.join(unknown)} not in {cameras_path}", camera=unknown[0])
+    if len(holdout) >= len(cameras):
+        raise TrainError("every camera is held out: nothing is left to train on")
+
+    # every (take, camera, frame) that has an image, a mask and a calibrated camera
+    skipped: dict[str, str] = {}
+    items: list[tuple[str, str, int, Path, Path, str, float]] = []
+    for tk in takes:
+        lighting = frame_lighting(root, tk)
+        for cam, frames in take_images(root, tk).items():
+            if cam not in cameras:
+                skipped[cam] = f"not in {cameras_path.name} (uncalibrated)"
+                continue
+            for frame, img in frames.items():
+                mask = masks_root / tk / cam / f"{frame:06d}.mask.png"
+                if not mask.is_file():
+                    skipped[f"{tk}/{cam}/{frame:06d}"] = f"no mask {mask}"
+                    continue
+                preset, t = lighting.get(frame, ("default", 0.0))
+                items.append((tk, cam, frame, img, mask, preset, t))
+    if not items:
+        raise TrainError(f"{masks_root}: no image of take {take} has a mask; run "
+                         f"'twinstudio reconstruct masks {root}' first", path=str(masks_root), take=take)
+    presets = sorted({it[5] for it in items if it[0] == take}, key=lambda p: _first_index(items, p))
+    for it in items:  # motion frames under a preset the stills lack still get an index
+        if it[5] not in presets:
+            presets.append(it[5])
+
+    out.mkdir(parents=True, exist_ok=True)
+    for sub in ("images", "masks", *(f"images_{d}" for d in options.downscales),
+                *(f"masks_{d}" for d in options.downscales)):
+        (out / sub).mkdir(exist_ok=True)
+
+    import cv2
+
+    frames_json = []
+    train_names: list[str] = []
+    test_names: list[str] = []
+    for n, (tk, cam, frame, img, mask, preset, t) in enumerate(items):
+        emit({"event": "progress", "stage": "export", "done": n, "total": len(items)})
+        name = f"{cam}_{tk}_{frame:06d}"
+        c = cameras[cam]
+        image_rel = f"images/{name}{img.suffix.lower()}"
+        mask_rel = f"masks/{name}.png"
+        _link_or_copy(img, out / image_rel)
+        m = cv2.imread(str(mask), cv2.IMREAD_GRAYSCALE)
+        if m is None:
+            raise TrainError(f"{mask}: unreadable mask", path=str(mask), camera=cam)
+        if m.shape != (c.intrinsics.height, c.intrinsics.width):
+            raise TrainError(f"{mask}: mask is {m.shape[1]}x{m.shape[0]}, camera {cam} is "
+                             f"{c.intrinsics.width}x{c.intrinsics.height}", path=str(mask), camera=cam)
+        _write_png(out / mask_rel, np.where(m > 127, 255, 0).astype(np.uint8))
+        _write_downscaled(out, name, img.suffix.lower(), img, m, options.downscales)
+        rec = {"file_path": image_rel, "mask_path": mask_rel,
+               "transform_matrix": opencv_to_nerfstudio_c2w(c.pose).tolist(),
+               **nerfstudio_intrinsics(c),
+               "camera": cam, "take": tk, "frame": frame, "lighting": preset,
+               "lighting_index": presets.index(preset)}
+        if tk != take:
+            rec["time"] = t
+        frames_json.append(rec)
+        (test_names if cam in holdout else train_names).append(image_rel)
+
+    points = 0
+    mesh = Path(mesh_path) if mesh_path is not None else root / "recon" / "mesh" / take / "mesh.ply"
+    doc = {"camera_model": "OPENCV", "frames": frames_json,
+           "train_filenames": train_names, "val_filenames": test_names, "test_filenames": test_names}
+    if options.seed_points and mesh.is_file():
+        points = write_seed_points(mesh, out / "sparse_pc.ply", options.seed_points, options.seed)
+        doc["ply_file_path"] = "sparse_pc.ply"
+    elif options.seed_points:
+        skipped["seed points"] = f"no mesh {mesh}: training starts from random points"
+    doc["twinstudio"] = {
+        "schema": DATASET_SCHEMA, "version": DATASET_VERSION, "source": str(root.resolve()),
+        "take": take, "takes": takes, "cameras_json": str(cameras_path.resolve()),
+        "cameras_method": json.loads(cameras_path.read_text()).get("method"),
+        "holdout": holdout, "presets": presets, "volume": _volume(root), "seed_points": points,
+        "downscales": list(options.downscales), "skipped": skipped,
+    }
+    atomic_write_json(out / "transforms.json", doc)
+    emit({"event": "progress", "stage": "export", "done": len(items), "total": len(items)})
+    trained = sorted({f["camera"] for f in frames_json} - set(holdout))
+    return ExportResult(out, out / "transforms.json", len(frames_json), trained, holdout, presets, points, skipped,
+                        round(time.perf_counter() - t0, 2))
+
+
+def nerfstudio_intrinsics(camera: Camera) -> dict:
+    """Per-frame intrinsics in nerfstudio's keys; the principal point moves by +0.5 px (pixel centres)."""
+    i = camera.intrinsics
+    k1, k2, p1, p2, k3 = (float(v) for v in i.dist_array[:5])
+    return {"fl_x": i.fx, "fl_y": i.fy, "cx": i.cx + 0.5, "cy": i.cy + 0.5, "w": i.width, "h": i.height,
+            "k1": k1, "k2": k2, "k3": k3, "k4": 0.0, "p1": p1, "p2": p2}
+
+
+def read_dataset(path: Path | str) -> dict:
+    """``transforms.json`` of an exported dataset (the folder or the file), checked to be twinstudio's."""
+    p = Path(path)
+    p = p / "transforms.json" if p.is_dir() else p
+    try:
+        doc = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise TrainError(f"{p} does not exist: export the dataset first ('twinstudio train export')",
+                         path=str(p)) from None
+    except ValueError as e:
+        raise TrainError(f"{p}: not JSON: {e}", path=str(p)) from e
+    meta = doc.get("twinstudio") or {}
+    if meta.get("schema") != DATASET_SCHEMA or meta.get("version") != DATASET_VERSION:
+        raise TrainError(f"{p}: not a twinstudio dataset ({DATASET_SCHEMA}/{DATASET_VERSION})", path=str(p))
+    return doc
+
+
+def write_seed_points(mesh_path: Path, out: Path, n: int, seed: int = 0) -> int:
+    """``n`` coloured points sampled on the mesh's surface, as an ASCII-free binary PLY open3d reads."""
+    import open3d as o3d
+
+    mesh = o3d.io.read_triangle_mesh(str(mesh_path))
+    if len(mesh.triangles) == 0:
+        raise TrainError(f"{mesh_path}: mesh has no triangles", path=str(mesh_path))
+    v = np.asarray(mesh.vertices)
+    f = np.asarray(mesh.triangles)
+    col = np.asarray(mesh.vertex_colors) if mesh.has_vertex_colors() else np.full_like(v, 0.5)
+    area = 0.5 * np.linalg.norm(np.cross(v[f[:, 1]] - v[f[:, 0]], v[f[:, 2]] - v[f[:, 0]]), axis=1)
+    rng = np.random.default_rng(seed)
+    tri = rng.choice(len(f), size=n, p=area / area.sum())
+    r1, r2 = rng.random(n), rng.random(n)
+    s = np.sqrt(r1)
+    bary = np.stack([1 - s, s * (1 - r2), s * r2], axis=1)
+    pts = np.einsum("nk,nkd->nd", bary, v[f[tri]])
+    rgb = np.einsum("nk,nkd->nd", bary, col[f[tri]])
+    header = ("ply\nformat binary_little_endian 1.0\ncomment seed points sampled on the reconstructed mesh\n"
+              f"element vertex {n}\nproperty float x\nproperty float y\nproperty float z\n"
+              "property uchar red\nproperty uchar green\nproperty uchar blue\nend_header\n").encode()
+    rec = np.empty(n, dtype=[("p", "<f4", 3), ("c", "u1", 3)])
+    rec["p"] = pts
+    rec["c"] = np.clip(np.round(rgb * 255), 0, 255)
+    atomic_write_bytes(out, header + rec.tobytes())
+    return n
+
+
+def _first_index(items: list, preset: str) -> int:
+    return min(it[2] for it in items if it[5] == preset)
+
+
+def _volume(root: Path) -> dict | None:
+    rig = root / "rig.toml"
+    if not rig.is_file():
+        gt = GroundTruth.find(root)
+        rig = gt.root / "rig.toml" if gt is not None else rig
+    if not rig.is_file():
+        return None
+    from rigs.rigfile import load_rig
+
+    v = load_rig(rig).volume
+    return {"center": [v.center[0], v.center[1]], "radius": v.radius, "height": v.height}
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    if dst.exists():
+        if dst.stat().st_size == src.stat().st_size:
+            return
+        dst.unlink()
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _write_png(path: Path, img: np.ndarray) -> None:
+    import cv2
+
+    ok, buf = cv2.imencode(".png", img)
+    if not ok:
+        raise TrainError(f"{path}: PNG encoding failed", path=str(path))
+    atomic_write_bytes(path, buf.tobytes(), fsync=False)
+
+
+def _write_downscaled(out: Path, name: str, suffix: str, img_path: Path, mask: np.ndarray,
+                      factors: Sequence[int]) -> None:
+    """``images_<d>/`` and ``masks_<d>/`` by area averaging (d must divide the image size)."""
+    import cv2
+
+    if not factors:
+        return
+    img = cv2.imread(str(img_path), cv2.IMREAD_COLOR)
+    if img is None:
+        raise TrainError(f"{img_path}: unreadable image", path=str(img_path))
+    h, w = img.shape[:2]
+    for d in factors:
+        if h % d or w % d:
+            raise TrainError(f"{img_path}: {w}x{h} is not divisible by the downscale factor {d}",
+                             path=str(img_path))
+        size = (w // d, h // d)
+        small = cv2.resize(img, size, interpolation=cv2.INTER_AREA)
+        params = [cv2.IMWRITE_JPEG_QUALITY, 95] if suffix in (".jpg", ".jpeg") else []
+        ok, buf = cv2.imencode(suffix, small, params)
+        if not ok:
+            raise TrainError(f"{img_path}: could not encode {suffix}", path=str(img_path))
+        atomic_write_bytes(out / f"images_{d}" / f"{name}{suffix}", buf.tobytes(), fsync=False)
+        m = cv2.resize(mask.astype(np.float32), size, interpolation=cv2.INTER_AREA)
+        _write_png(out / f"masks_{d}" / f"{name}.png", np.where(m > 127.5, 255, 0).astype(np.uint8))
+
+
+__all__ = ["DATASET_SCHEMA", "ExportOptions", "ExportResult", "TrainError", "default_dataset_dir",
+           "default_holdout", "export_dataset", "frame_lighting", "nerfstudio_intrinsics", "read_dataset",
+           "write_seed_points"]

@@ -1,0 +1,153 @@
+"""Evaluate a trained twin on the cameras it never saw: PSNR, SSIM (LPIPS where available), per lighting preset.
+
+Ground truth and render are both composited onto the same background with the
+subject mask as alpha, so the figure measures the person, not the backdrop the
+twin was never meant to learn. A few side-by-side images (ground truth |
+render | error) are written to ``<run>/eval/`` for people to look at.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from rigs.fileio import atomic_write_bytes, atomic_write_json
+
+
+def evaluate_pipeline(pipeline, run_dir: Path | str, *, side_by_side: int = 4,
+                      on_event: Callable[[dict], None] | None = None) -> dict:
+    """Score every held-out image; writes ``<run>/eval/eval.json`` and side-by-side PNGs; returns the summary."""
+    import torch
+
+    emit = on_event or (lambda ev: None)
+    out = Path(run_dir) / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    dm = pipeline.datamanager
+    model = pipeline.model
+    dataset = dm.eval_dataset
+    cached = dm.cached_eval
+    names = [Path(p).stem for p in dataset.image_filenames]
+    was_training = model.training
+    model.eval()
+    rows = []
+    shown: set[str] = set()
+    try:
+        for i in range(len(dataset)):
+            emit({"event": "progress", "stage": "evaluate", "done": i, "total": len(dataset)})
+            camera = dataset.cameras[i: i + 1].to(model.device)
+            batch = {k: (v.to(model.device) if torch.is_tensor(v) else v) for k, v in cached[i].items()}
+            with torch.no_grad():
+                outputs = model.get_outputs_for_camera(camera)
+                metrics, images = model.get_image_metrics_and_images(outputs, batch)
+            lighting = model.lighting_of(camera)
+            cam = names[i].split("_")[0]
+            row = {"image": names[i], "camera": cam, "lighting": model.presets[lighting],
+                   **{k: None if math.isnan(v) else round(v, 5) for k, v in metrics.items()}}
+            rows.append(row)
+            if len(shown) < side_by_side and cam not in shown:
+                shown.add(cam)
+                row["side_by_side"] = _write_side_by_side(out / f"{names[i]}.png", images["img"], row)
+    finally:
+        model.train(was_training)
+    emit({"event": "progress", "stage": "evaluate", "done": len(dataset), "total": len(dataset)})
+    summary = {"images": len(rows), "cameras": sorted({r["camera"] for r in rows}),
+               **_means(rows), "per_lighting": {}, "per_camera": {}}
+    by_l, by_c = defaultdict(list), defaultdict(list)
+    for r in rows:
+        by_l[r["lighting"]].append(r)
+        by_c[r["camera"]].append(r)
+    summary["per_lighting"] = {k: {"images": len(v), **_means(v)} for k, v in by_l.items()}
+    summary["per_camera"] = {k: {"images": len(v), **_means(v)} for k, v in sorted(by_c.items())}
+    summary["side_by_side"] = [r["side_by_side"] for r in rows if "side_by_side" in r]
+    atomic_write_json(out / "eval.json", {"summary": summary, "images": rows})
+    return summary
+
+
+def _means(rows: list[dict]) -> dict:
+    def mean(key: str) -> float | None:
+        vals = [r[key] for r in rows if r.get(key) is not None and not math.isnan(r[key])]
+        return round(float(np.mean(vals)), 4) if vals else None
+
+    return {"psnr": mean("psnr"), "ssim": mean("ssim"), "lpips": mean("lpips")}
+
+
+def _write_side_by_side(path: Path, img, row: dict) -> str:
+    """``img`` is [H, 3W, 3] in [0, 1] (ground truth | render | error); labels are drawn on top."""
+    import cv2
+
+    a = (img.detach().cpu().numpy().clip(0, 1) * 255).round().astype(np.uint8)
+    a = np.ascontiguousarray(a[..., ::-1])
+    h, w3 = a.shape[:2]
+    if h < 240:  # small previews: enlarge so the labels stay legible
+        s = int(math.ceil(240 / h))
+        a = cv2.resize(a, (w3 * s, h * s), interpolation=cv2.INTER_NEAREST)
+        h, w3 = a.shape[:2]
+    w = w3 // 3
+    scale = max(h / 600, 0.4)
+    for k, text in enumerate(("ground truth", f"render  {row['psnr']:.1f} dB", "error")):
+        org = (k * w + 8, int(24 * scale) + 8)
+        cv2.putText(a, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), max(int(4 * scale), 2), cv2.LINE_AA)
+        cv2.putText(a, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), max(int(2 * scale), 1),
+                    cv2.LINE_AA)
+    ok, buf = cv2.imencode(".png", a)
+    if ok:
+        atomic_write_bytes(path, buf.tobytes(), fsync=False)
+    return path.name
+
+
+
+def load_run(run_dir: Path | str, device: str = "auto"):
+    """A trained run's nerfstudio pipeline (config.yml + latest checkpoint), ready to render; -> (config, pipeline)."""
+    import os
+
+    import torch
+    import yaml
+
+    from train.dataset import TrainError
+    from train.runner import latest_checkpoint, resolve_device
+
+    os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / "config.yml"
+    if not cfg_path.is_file():
+        raise TrainError(f"{cfg_path} does not exist: not a training run", path=str(cfg_path))
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise TrainError(f"{run_dir / 'nerfstudio_models'}: no checkpoint to evaluate", path=str(run_dir))
+    cfg = yaml.load(cfg_path.read_text(), Loader=yaml.Loader)
+    dev = resolve_device(device)
+    cfg.machine.device_type = dev
+    pipeline = cfg.pipeline.setup(device=dev, test_mode="val")
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    pipeline.load_pipeline(state["pipeline"], state["step"])
+    pipeline.eval()
+    return cfg, pipeline
+
+
+def reevaluate_run(run_dir: Path | str, *, device: str = "auto", exports: bool = False,
+                   on_event: Callable[[dict], None] | None = None) -> dict:
+    """Evaluate a run again from its checkpoint and update its ``metrics.json``; returns the metrics."""
+    import json
+
+    from train.dataset import read_dataset
+    from train.runner import read_metrics
+
+    run_dir = Path(run_dir)
+    metrics = read_metrics(run_dir)
+    cfg, pipeline = load_run(run_dir, device)
+    metrics["eval"] = evaluate_pipeline(pipeline, run_dir, on_event=on_event)
+    if exports:
+        from train.exports import export_run
+
+        cams = pipeline.datamanager.eval_dataset.cameras
+        metrics["exports"] = export_run(pipeline.model, run_dir, read_dataset(cfg.data),
+                                        check_camera=cams[0:1] if len(cams) else None, on_event=on_event)
+    atomic_write_json(run_dir / "metrics.json", json.loads(json.dumps(metrics)))
+    return metrics
+
+
+__all__ = ["evaluate_pipeline", "load_run", "reevaluate_run"]

@@ -1,0 +1,306 @@
+"""Train the twin from Python: consent, dataset, nerfstudio's trainer, checkpoints, metrics.
+
+``run_training(root, TrainOptions(...), on_event=...)`` is the whole stage:
+
+1. the session's consent must cover ``train`` and be in force (a virtual render
+   folder, whose subject is synthetic, needs none);
+2. the nerfstudio dataset is exported when missing (:mod:`train.dataset`);
+3. nerfstudio's ``Trainer`` runs the ``twin-splat`` method on CUDA when there is
+   a GPU, else on the CPU with small-preview defaults (1/8 images, a few
+   hundred iterations, plain gradients for densification);
+4. every ``save_every`` steps a checkpoint lands in ``<root>/train/<run>/
+   nerfstudio_models``; a later run with the same name resumes from the latest;
+5. held-out evaluation, the splat PLY and the turntable previews follow
+   (:mod:`train.evaluate`, :mod:`train.exports`), and ``metrics.json`` records it all.
+
+Progress is reported as events (``{"event": "train", "step", "total", "loss",
+"psnr", "gaussians", "eta_s", ...}``); the CLI's dashboard consumes them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import resource
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from rigs.fileio import atomic_write_json
+from train.dataset import TrainError, default_dataset_dir, export_dataset, read_dataset
+
+METRICS_SCHEMA = "twinstudio.train-metrics"
+METRICS_VERSION = 1
+#: CPU previews: small images, few iterations
+CPU_DEFAULTS = {"iterations": 300, "downscale": 8}
+GPU_DEFAULTS = {"iterations": 30000, "downscale": 1}
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    device: str = "auto"             # auto | cuda | cpu
+    iterations: int | None = None    # total steps (default: 30000 on a GPU, 300 on the CPU)
+    downscale: int | None = None     # image downscale (default: 1 on a GPU, 8 on the CPU)
+    run: str = "twin"                # run folder: <root>/train/<run>
+    resume: bool = True              # continue from the run's latest checkpoint
+    save_every: int | None = None    # checkpoint period (default: iterations / 5)
+    sh_degree: int | None = None     # default 3 on a GPU, 1 on the CPU
+    seed: int = 42
+    lpips: str = "auto"
+    evaluate: bool = True
+    exports: bool = True
+    turntable_frames: int = 36
+    model_overrides: dict = field(default_factory=dict)  # any TwinSplatModelConfig field
+
+    def __post_init__(self) -> None:
+        if self.device not in ("auto", "cuda", "cpu"):
+            raise TrainError(f"device must be auto, cuda or cpu, not {self.device!r}")
+        if self.iterations is not None and self.iterations < 1:
+            raise TrainError(f"iterations must be >= 1, not {self.iterations}")
+        if self.downscale is not None and self.downscale not in (1, 2, 4, 8):
+            raise TrainError(f"downscale must be 1, 2, 4 or 8, not {self.downscale}")
+        if not self.run or "/" in self.run or self.run in ("dataset", ".", ".."):
+            raise TrainError(f"run name {self.run!r} is not usable (a plain folder name, not 'dataset')")
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    device: str
+    iterations: int
+    start_step: int
+    seconds: float
+    metrics: dict
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise TrainError("--device cuda: no CUDA GPU is available here (use --device cpu for a preview)")
+    return device
+
+
+def check_train_consent(root: Path) -> dict | None:
+    """The consent terms that allow training, or None for a virtual render (synthetic subject)."""
+    from capture.consent import require_consent
+    from reconstruct.inputs import GroundTruth
+
+    if (root / "session.json").is_file():
+        rec = require_consent(root, "train")
+        return {"consent_id": rec.consent_id, "subject_id": rec.subject_id, "valid_until": str(rec.valid_until)}
+    gt = GroundTruth.find(root)
+    if gt is not None and gt.root.resolve() == root.resolve():
+        return None
+    raise TrainError(f"{root}: no session.json, so no consent can be checked; training needs a capture session",
+                     path=str(root))
+
+
+def build_config(dataset: Path, run_dir: Path, device: str, options: TrainOptions, iterations: int,
+                 downscale: int):
+    """The nerfstudio TrainerConfig of a run (twin-splat, sized for the device)."""
+    from train.config import optimizers, twin_splat_config
+
+    cfg = twin_splat_config(max_steps=iterations)
+    cfg.output_dir = run_dir
+    cfg.experiment_name = run_dir.name
+    cfg.timestamp = ""
+    cfg.data = dataset
+    cfg.vis = "tensorboard"
+    cfg.logging.local_writer.enable = False
+    cfg.logging.steps_per_log = max(iterations, 1) * 10  # our dashboard reports; the writer only at step 0
+    cfg.machine.device_type = device
+    cfg.machine.seed = options.seed
+    cfg.steps_per_save = options.save_every or max(iterations // 5, 50)
+    cfg.save_only_latest_checkpoint = True
+    cfg.optimizers = optimizers(iterations)
+    dm = cfg.pipeline.datamanager
+    dm.data = dataset
+    dm.dataparser.data = dataset
+    dm.dataparser.downscale_factor = downscale
+    dm.cache_images = "gpu"  # i.e. on the training device; "cpu" pins memory, which needs CUDA
+    m = cfg.pipeline.model
+    m.lpips = options.lpips
+    if device == "cpu":
+        # a preview: full resolution of the (downscaled) images from the start, plain gradients
+        m.num_downscales = 0
+        m.use_absgrad = False
+        m.densify_grad_thresh = 0.0002
+        m.sh_degree = 1 if options.sh_degree is None else options.sh_degree
+    elif options.sh_degree is not None:
+        m.sh_degree = options.sh_degree
+    # refinement and SH schedules follow the run's length (splatfacto's are for 30k steps)
+    f = iterations / 30000
+    m.warmup_length = max(int(500 * f), 20)
+    m.refine_every = max(int(100 * f), 10)
+    m.stop_split_at = max(int(15000 * f), m.warmup_length + m.refine_every)
+    m.stop_screen_size_at = max(int(4000 * f), m.warmup_length)
+    m.sh_degree_interval = max(int(1000 * f), 10)
+    m.resolution_schedule = max(int(3000 * f), 10)
+    for k, v in options.model_overrides.items():
+        if not hasattr(m, k):
+            raise TrainError(f"unknown twin-splat model setting {k!r}")
+        setattr(m, k, v)
+    return cfg
+
+
+def _trainer_class():
+    from nerfstudio.engine.trainer import Trainer
+
+    class TwinTrainer(Trainer):
+        """nerfstudio's Trainer reporting every step as an event."""
+
+        on_event: Callable[[dict], None] = staticmethod(lambda ev: None)
+        total: int = 0
+        history: list = []
+
+        def train_iteration(self, step: int):
+            if not hasattr(self, "_t0"):
+                self._t0, self._s0 = time.perf_counter(), step
+            loss, loss_dict, metrics = super().train_iteration(step)
+            done = step - self._s0 + 1
+            el = time.perf_counter() - self._t0
+            rec = {"step": step + 1, "loss": float(loss.item()), "psnr": float(metrics.get("psnr", float("nan"))),
+                   "gaussians": int(metrics.get("gaussian_count", 0))}
+            self.history.append(rec)
+            self.on_event({"event": "train", **rec, "total": self.total, "elapsed_s": el,
+                           "it_s": done / max(el, 1e-9), "eta_s": el / done * (self.total - step - 1)})
+            return loss, loss_dict, metrics
+
+    return TwinTrainer
+
+
+@contextmanager
+def quiet_nerfstudio():
+    """nerfstudio's own console output off (twinstudio reports progress through events)."""
+    from nerfstudio.utils.rich_utils import CONSOLE
+
+    was = CONSOLE.quiet
+    CONSOLE.quiet = True
+    try:
+        yield
+    finally:
+        CONSOLE.quiet = was
+
+
+def _seed(seed: int) -> None:
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    ckpts = sorted((run_dir / "nerfstudio_models").glob("step-*.ckpt"))
+    return ckpts[-1] if ckpts else None
+
+
+def run_training(root: Path | str, options: TrainOptions = TrainOptions(), *,
+                 dataset: Path | str | None = None,
+                 on_event: Callable[[dict], None] | None = None) -> TrainResult:
+    """Train (or resume) the twin of a session; writes ``<root>/train/<run>/metrics.json``."""
+    import torch
+
+    os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # nerfstudio checkpoints hold numpy scalars
+    emit = on_event or (lambda ev: None)
+    root = Path(root)
+    consent = check_train_consent(root)
+    device = resolve_device(options.device)
+    defaults = GPU_DEFAULTS if device == "cuda" else CPU_DEFAULTS
+    iterations = options.iterations or defaults["iterations"]
+    downscale = options.downscale or defaults["downscale"]
+    ds = (Path(dataset) if dataset is not None else default_dataset_dir(root)).resolve()
+    if not (ds / "transforms.json").is_file():
+        emit({"event": "stage", "stage": "export", "status": "running"})
+        export_dataset(root, ds, on_event=emit)
+    doc = read_dataset(ds)
+    if downscale > 1 and downscale not in doc["twinstudio"].get("downscales", []):
+        raise TrainError(f"{ds}: no images_{downscale}/ (exported downscales: {doc['twinstudio'].get('downscales')})",
+                         path=str(ds))
+    run_dir = (root / "train" / options.run).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    cfg = build_config(ds, run_dir, device, options, iterations, downscale)
+    ckpt = latest_checkpoint(run_dir) if options.resume else None
+    if ckpt is not None:
+        cfg.load_dir = ckpt.parent
+    _seed(options.seed)
+    emit({"event": "stage", "stage": "setup", "status": "running", "device": device})
+    cfg.save_config()
+    Trainer = _trainer_class()
+    trainer = Trainer(cfg)
+    trainer.on_event = emit
+    trainer.history = []
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t_setup = time.perf_counter()
+    with quiet_nerfstudio():
+        trainer.setup()
+    start = trainer._start_step
+    remaining = max(iterations - start, 0)
+    trainer.config.max_num_iterations = remaining
+    trainer.total = iterations
+    setup_s = time.perf_counter() - t_setup
+    emit({"event": "stage", "stage": "train", "status": "running", "start_step": start, "total": iterations})
+    t0 = time.perf_counter()
+    if remaining:
+        with quiet_nerfstudio():
+            trainer.train()
+    train_s = time.perf_counter() - t0
+    model = trainer.pipeline.model
+    hist = trainer.history
+    last = hist[-10:]
+    metrics = {
+        "schema": METRICS_SCHEMA, "version": METRICS_VERSION, "method": "twin-splat", "run": options.run,
+        "device": device, "device_name": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
+        "iterations": iterations, "start_step": start, "steps_this_run": len(hist),
+        "downscale": downscale, "image_size": [int(trainer.pipeline.datamanager.train_dataset.cameras.width[0]),
+                                               int(trainer.pipeline.datamanager.train_dataset.cameras.height[0])],
+        "setup_s": round(setup_s, 2), "train_s": round(train_s, 2),
+        "iterations_per_s": round(len(hist) / train_s, 3) if hist and train_s > 0 else None,
+        "loss_first": hist[0]["loss"] if hist else None,
+        "loss_last": float(np.mean([h["loss"] for h in last])) if last else None,
+        "train_psnr_last": float(np.mean([h["psnr"] for h in last])) if last else None,
+        "gaussians": int(model.num_points),
+        "presets": list(model.presets),
+        "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if device == "cuda" else None,
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "dataset": str(ds.resolve()), "consent": consent,
+        "options": {k: v for k, v in asdict(replace(options)).items() if k != "model_overrides"}
+                   | {"model_overrides": options.model_overrides},
+        "history": hist[:: max(len(hist) // 50, 1)],
+    }
+    if options.evaluate:
+        from train.evaluate import evaluate_pipeline
+
+        emit({"event": "stage", "stage": "evaluate", "status": "running"})
+        metrics["eval"] = evaluate_pipeline(trainer.pipeline, run_dir, on_event=emit)
+    if options.exports:
+        from train.exports import export_run
+
+        emit({"event": "stage", "stage": "exports", "status": "running"})
+        eval_cams = trainer.pipeline.datamanager.eval_dataset.cameras
+        metrics["exports"] = export_run(model, run_dir, doc, frames=options.turntable_frames,
+                                        check_camera=eval_cams[0:1] if len(eval_cams) else None, on_event=emit)
+    atomic_write_json(run_dir / "metrics.json", metrics)
+    emit({"event": "stage", "stage": "done", "status": "ok", "metrics": str(run_dir / "metrics.json")})
+    return TrainResult(run_dir, device, iterations, start, round(train_s, 2), metrics)
+
+
+def read_metrics(run_dir: Path | str) -> dict:
+    p = Path(run_dir) / "metrics.json"
+    if not p.is_file():
+        raise TrainError(f"{p} does not exist: train first ('twinstudio train run')", path=str(p))
+    return json.loads(p.read_text())
+
+
+__all__ = ["TrainOptions", "TrainResult", "build_config", "check_train_consent", "latest_checkpoint",
+           "read_metrics", "resolve_device", "run_training"]

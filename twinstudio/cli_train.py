@@ -1,0 +1,202 @@
+"""``twinstudio train ...``: thin layers over train/ (dataset export, training, evaluation)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+train_app = typer.Typer(help="Train the twin: nerfstudio dataset, twin-splat training, evaluation, exports.",
+                        no_args_is_help=True)
+
+RootArg = Annotated[Path, typer.Argument(help="Session folder (or virtual render folder).")]
+RunOpt = Annotated[str, typer.Option("--run", help="Run name: the run lives in <session>/train/<run>.")]
+PlainOpt = Annotated[bool, typer.Option("--plain", help="Log lines instead of the live dashboard.")]
+
+
+def _console():
+    from twinstudio.cli import console
+
+    return console
+
+
+class TrainDashboard:
+    """on_event consumer: a live panel (step, loss, PSNR, Gaussians, it/s, ETA) or plain log lines."""
+
+    def __init__(self, plain: bool, title: str = "training the twin") -> None:
+        self.con = _console()
+        self.plain = plain or not self.con.is_terminal
+        self.title = title
+        self.last: dict = {}
+        self.logged_step = 0
+        self.progress: dict[str, tuple[int, int]] = {}
+        self.t0 = time.perf_counter()
+
+    def __enter__(self):
+        if not self.plain:
+            from rich.live import Live
+
+            self.live = Live(self._panel(), console=self.con, refresh_per_second=4, transient=False)
+            self.live.start()
+        return self.on_event
+
+    def _panel(self):
+        from rich.panel import Panel
+
+        t = Table.grid(padding=(0, 2))
+        e = self.last
+        if e:
+            t.add_row("step", f"{e['step']}/{e['total']}", "loss", f"{e['loss']:.4f}",
+                      "PSNR (train)", f"{e['psnr']:.2f} dB")
+            t.add_row("Gaussians", f"{e['gaussians']:,}", "speed", f"{e['it_s']:.2f} it/s",
+                      "ETA", _duration(e["eta_s"]))
+        for label, (done, total) in self.progress.items():
+            t.add_row(label, f"{done}/{total}")
+        return Panel(t, title=self.title, subtitle=f"{_duration(time.perf_counter() - self.t0)} elapsed")
+
+    def on_event(self, ev: dict) -> None:
+        kind = ev.get("event")
+        if kind == "train":
+            self.last = ev
+            if self.plain:
+                step_every = max(ev["total"] // 10, 1)
+                if ev["step"] - self.logged_step >= step_every or ev["step"] == ev["total"]:
+                    self.logged_step = ev["step"]
+                    self.con.print(f"  step {ev['step']}/{ev['total']}  loss {ev['loss']:.4f}  "
+                                   f"PSNR {ev['psnr']:.2f} dB  {ev['gaussians']:,} Gaussians  "
+                                   f"{ev['it_s']:.2f} it/s  ETA {_duration(ev['eta_s'])}", highlight=False)
+        elif kind == "stage":
+            if ev.get("status") == "running":
+                extra = f" on {ev['device']}" if "device" in ev else ""
+                extra += f" from step {ev['start_step']}" if ev.get("start_step") else ""
+                self.con.print(f"[bold]{ev['stage']}[/]{extra} …")
+        elif kind == "progress" and ev.get("total"):
+            self.progress[ev["stage"]] = (ev["done"], ev["total"])
+            if self.plain and ev["done"] == ev["total"]:
+                self.con.print(f"  {ev['stage']}: {ev['total']} done")
+        if not self.plain:
+            self.live.update(self._panel())
+
+    def __exit__(self, *exc) -> None:
+        if not self.plain:
+            self.live.stop()
+
+
+def _duration(s: float) -> str:
+    s = int(max(s, 0))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+def print_train_summary(metrics: dict, run_dir: Path) -> None:
+    """The run's figures and the held-out evaluation per lighting preset."""
+    con = _console()
+    ips = metrics.get("iterations_per_s")
+    con.print(f"[bold green]twin trained[/] ({metrics['method']}, {metrics['device']}): "
+              f"{metrics['iterations']} iterations at {metrics['image_size'][0]}x{metrics['image_size'][1]}"
+              + (f", {ips:.2f} it/s" if ips else "") + f", {metrics['gaussians']:,} Gaussians, "
+              f"train {metrics['train_s']:.0f} s", highlight=False)
+    ev = metrics.get("eval")
+    if ev:
+        t = Table(title=f"Held-out cameras ({', '.join(ev['cameras'])}): {ev['images']} images")
+        for col in ("lighting", "images", "PSNR dB", "SSIM", "LPIPS"):
+            t.add_column(col, justify="left" if col == "lighting" else "right")
+        for name, m in ev["per_lighting"].items():
+            t.add_row(name, str(m["images"]), _f(m["psnr"], 2), _f(m["ssim"], 3), _f(m["lpips"], 3))
+        t.add_row("[bold]all[/]", str(ev["images"]), _f(ev["psnr"], 2), _f(ev["ssim"], 3), _f(ev["lpips"], 3))
+        con.print(t)
+    ex = metrics.get("exports")
+    if ex:
+        chk = ex.get("ply_check") or {}
+        con.print(f"  splat: {run_dir / ex['splat_ply']} ({ex['splat']['count']:,} Gaussians, "
+                  f"{ex['lighting']} lighting baked in"
+                  + (f"; re-rendered from the PLY: {chk['psnr_vs_model']} dB vs the model" if chk else "") + ")",
+                  highlight=False)
+        tt = ex.get("turntable") or {}
+        if tt:
+            con.print(f"  previews: {run_dir / tt['mp4']} and {tt['frames']} PNGs in {run_dir / tt['png_dir']} "
+                      f"(labelled \"{tt['label']}\")", highlight=False)
+    con.print(f"  metrics: {run_dir / 'metrics.json'}")
+
+
+def _f(v, nd: int) -> str:
+    return "-" if v is None else f"{v:.{nd}f}"
+
+
+@train_app.command("export")
+def export_cmd(
+    root: RootArg,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Dataset folder (default: <session>/train/dataset).")]
+    = None,
+    take: Annotated[Optional[str], typer.Option(help="Stills take (default: the latest).")] = None,
+    motion_take: Annotated[Optional[str], typer.Option(help="Also export this motion take's frames, with time.")]
+    = None,
+    holdout: Annotated[Optional[str], typer.Option(help="Held-out cameras, comma-separated (default: every 6th).")]
+    = None,
+    cameras: Annotated[Optional[Path], typer.Option(help="cameras.json (default: <session>/recon/cameras.json).")]
+    = None,
+) -> None:
+    """Export a session as a nerfstudio dataset (transforms.json, images, masks, seed points, held-out split)."""
+    from train.dataset import ExportOptions, export_dataset
+
+    opts = ExportOptions(take=take, motion_take=motion_take,
+                         holdout=tuple(c.strip() for c in holdout.split(",") if c.strip()) if holdout else None)
+    r = export_dataset(root, out, opts, cameras_path=cameras)
+    con = _console()
+    con.print(f"[bold green]exported[/] {r.frames} frames to {r.transforms} in {r.seconds:.1f} s", highlight=False)
+    con.print(f"  train cameras: {len(r.train_cameras)}; held out: {', '.join(r.holdout_cameras)}")
+    con.print(f"  lighting presets: {', '.join(r.presets)}; seed points: {r.seed_points:,}")
+    for what, why in r.skipped.items():
+        con.print(f"  [yellow]skipped[/] {what}: {why}", highlight=False)
+
+
+@train_app.command("run")
+def run_cmd(
+    root: RootArg,
+    device: Annotated[str, typer.Option(help="auto (CUDA when present), cuda or cpu.")] = "auto",
+    iterations: Annotated[Optional[int], typer.Option(help="Total iterations (default: 30000 GPU, 300 CPU).")]
+    = None,
+    downscale: Annotated[Optional[int], typer.Option(help="Image downscale 1/2/4/8 (default: 1 GPU, 8 CPU).")]
+    = None,
+    run: RunOpt = "twin",
+    fresh: Annotated[bool, typer.Option("--fresh", help="Start over instead of resuming the run's checkpoint.")]
+    = False,
+    evaluate: Annotated[bool, typer.Option(help="Evaluate on the held-out cameras afterwards.")] = True,
+    exports: Annotated[bool, typer.Option(help="Write the splat PLY and turntable previews afterwards.")] = True,
+    plain: PlainOpt = False,
+) -> None:
+    """Train the twin (nerfstudio twin-splat): needs consent for 'train'; resumes from the last checkpoint."""
+    from train.runner import TrainOptions, run_training
+
+    opts = TrainOptions(device=device, iterations=iterations, downscale=downscale, run=run, resume=not fresh,
+                        evaluate=evaluate, exports=exports)
+    with TrainDashboard(plain) as on_event:
+        result = run_training(root, opts, on_event=on_event)
+    print_train_summary(result.metrics, result.run_dir)
+
+
+@train_app.command("eval")
+def eval_cmd(
+    root: RootArg,
+    run: RunOpt = "twin",
+    device: Annotated[str, typer.Option(help="auto, cuda or cpu.")] = "auto",
+    exports: Annotated[bool, typer.Option(help="Also rewrite the splat PLY and previews.")] = False,
+    plain: PlainOpt = False,
+) -> None:
+    """Re-evaluate a trained run from its checkpoint (held-out PSNR/SSIM per lighting preset)."""
+    from train.evaluate import reevaluate_run
+
+    with TrainDashboard(plain, "evaluating") as on_event:
+        metrics = reevaluate_run(Path(root) / "train" / run, device=device, exports=exports, on_event=on_event)
+    print_train_summary(metrics, Path(root) / "train" / run)
+
+
+@train_app.command("report")
+def report_cmd(root: RootArg, run: RunOpt = "twin") -> None:
+    """Print a run's metrics.json: training figures and the held-out evaluation."""
+    from train.runner import read_metrics
+
+    run_dir = Path(root) / "train" / run
+    print_train_summary(read_metrics(run_dir), run_dir)
