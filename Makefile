@@ -25,7 +25,13 @@ $(PY):
 
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,train]'
+	@# nuscenes-devkit (a nerfstudio dependency) pulls the GUI build opencv-python, which owns cv2 too:
+	@# keep only the headless build that the project pins
+	@if $(PY) -m pip show -q opencv-python >/dev/null 2>&1; then \
+	  $(PY) -m pip uninstall -y -q opencv-python && \
+	  $(PY) -m pip install -q --force-reinstall --no-deps 'opencv-python-headless==4.10.0.84'; fi
+	$(PY) -c "import cv2, open3d, pycolmap, torch, gsplat, nerfstudio; print('set-up ok: opencv', cv2.__version__, '| torch', torch.__version__, '| nerfstudio ok')"
 	@touch $(STAMP)
 
 demo: setup
@@ -42,6 +48,7 @@ bench: setup
 	$(PY) benchmarks/render.py
 	$(PY) benchmarks/capture.py
 	$(PY) benchmarks/reconstruct.py
+	$(PY) benchmarks/train_cpu.py
 
 clean:
 	rm -rf out .pytest_cache

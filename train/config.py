@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from nerfstudio.configs.base_config import ViewerConfig
 from nerfstudio.data.datamanagers.full_images_datamanager import FullImageDatamanagerConfig
@@ -28,10 +29,13 @@ STUDIO_SCALE_M = 3.0  # splatfacto's normalised unit in studio metres (ring radi
 
 @dataclass
 class TwinTrainerConfig(TrainerConfig):
-    """A trainer whose run folder is exactly ``output_dir`` (``<root>/train/<run>``)."""
+    """nerfstudio's TrainerConfig; twinstudio's runner pins the run folder to ``<root>/train/<run>``."""
+
+    run_dir: Optional[Path] = None
+    """the run's folder (None: nerfstudio's output_dir/experiment/method/timestamp, as ns-train makes it)"""
 
     def get_base_dir(self) -> Path:
-        return Path(self.output_dir)
+        return Path(self.run_dir) if self.run_dir is not None else super().get_base_dir()
 
 
 def optimizers(max_steps: int = 30000) -> dict:

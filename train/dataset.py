@@ -107,7 +107,7 @@ def frame_lighting(root: Path, take: str) -> dict[int, tuple[str, float]]:
     gt = GroundTruth.find(root)
     if gt is None:
         raise TrainError(f"{root}: neither a session (no session.json) nor a virtual render", path=str(root))
-    return {f["index"]: (f.get("preset") or f.get("step") or "default", float(f.get("time", 0.0)))
+    return {f["index"]: (f.get("step") or f.get("preset") or "default", float(f.get("time", 0.0)))
             for f in gt.frames(take)["frames"]}
 
 

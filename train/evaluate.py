@@ -72,7 +72,7 @@ def _means(rows: list[dict]) -> dict:
         vals = [r[key] for r in rows if r.get(key) is not None and not math.isnan(r[key])]
         return round(float(np.mean(vals)), 4) if vals else None
 
-    return {"psnr": mean("psnr"), "ssim": mean("ssim"), "lpips": mean("lpips")}
+    return {"psnr": mean("psnr"), "psnr_subject": mean("psnr_subject"), "ssim": mean("ssim"), "lpips": mean("lpips")}
 
 
 def _write_side_by_side(path: Path, img, row: dict) -> str:

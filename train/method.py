@@ -142,6 +142,9 @@ class TwinSplatModelConfig(SplatfactoModelConfig):
     """preset index used where a camera has none (viewer, turntable, exports)"""
     lpips: Literal["auto", "on", "off"] = "auto"
     """LPIPS only where its AlexNet weights are already on disk ("auto"); never downloaded"""
+    refine_pause_after_reset: Optional[int] = None
+    """steps without refinement after an opacity reset (None: splatfacto's, the training images + refine_every);
+    gsplat also applies it from step 0, which would stop a short run from ever refining"""
     num_random: int = 20000
     """Gaussians placed at random in the capture volume when the dataset has no seed points"""
     background_color: Literal["random", "black", "white"] = "random"
@@ -217,7 +220,9 @@ class TwinSplatModel(SplatfactoModel):
             prune_scale3d=cfg.cull_scale_thresh, prune_scale2d=cfg.cull_screen_size,
             refine_scale2d_stop_iter=cfg.stop_screen_size_at, refine_start_iter=cfg.warmup_length,
             refine_stop_iter=cfg.stop_split_at, reset_every=cfg.reset_alpha_every * cfg.refine_every,
-            refine_every=cfg.refine_every, pause_refine_after_reset=self.num_train_data + cfg.refine_every,
+            refine_every=cfg.refine_every,
+            pause_refine_after_reset=(self.num_train_data + cfg.refine_every if cfg.refine_pause_after_reset is None
+                                      else cfg.refine_pause_after_reset),
             absgrad=cfg.use_absgrad, revised_opacity=False, verbose=False,
         )
         # thresholds in splatfacto's units (poses scaled into [-1, 1]) become studio metres
@@ -360,12 +365,17 @@ class TwinSplatModel(SplatfactoModel):
         return losses
 
     def get_image_metrics_and_images(self, outputs, batch) -> Tuple[Dict[str, float], Dict[str, torch.Tensor]]:
-        gt, _ = self.masked_gt(batch, outputs["background"][0, 0] if outputs["background"].dim() == 3
-                               else outputs["background"])
+        gt, mask = self.masked_gt(batch, outputs["background"][0, 0] if outputs["background"].dim() == 3
+                                  else outputs["background"])
         pred = outputs["rgb"]
         a, b = gt.permute(2, 0, 1)[None], pred.permute(2, 0, 1)[None]
         metrics = {"psnr": float(self.psnr(a, b).item()), "ssim": float(self.ssim(a, b)),
                    "lpips": float(self.lpips(a, b))}
+        if mask is not None and mask.sum() > 0:
+            # the person alone: the full-image figure is flattered by the background the twin never learns
+            sel = mask[..., 0] > 0.5
+            mse = ((gt - pred)[sel] ** 2).mean().clamp_min(1e-10)
+            metrics["psnr_subject"] = float(-10 * torch.log10(mse))
         err = (gt - pred).abs().mean(dim=-1, keepdim=True).clamp(0, 1).expand_as(gt)
         return metrics, {"img": torch.cat([gt, pred, err], dim=1)}
 

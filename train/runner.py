@@ -109,9 +109,9 @@ def build_config(dataset: Path, run_dir: Path, device: str, options: TrainOption
     from train.config import optimizers, twin_splat_config
 
     cfg = twin_splat_config(max_steps=iterations)
-    cfg.output_dir = run_dir
+    cfg.run_dir = run_dir
+    cfg.output_dir = run_dir.parent
     cfg.experiment_name = run_dir.name
-    cfg.timestamp = ""
     cfg.data = dataset
     cfg.vis = "tensorboard"
     cfg.logging.local_writer.enable = False
@@ -144,6 +144,10 @@ def build_config(dataset: Path, run_dir: Path, device: str, options: TrainOption
     m.stop_screen_size_at = max(int(4000 * f), m.warmup_length)
     m.sh_degree_interval = max(int(1000 * f), 10)
     m.resolution_schedule = max(int(3000 * f), 10)
+    if iterations < 3000:
+        # a preview: no opacity resets (the run is too short to recover from one), so no pause after them
+        m.reset_alpha_every = iterations // m.refine_every + 1
+        m.refine_pause_after_reset = 0
     for k, v in options.model_overrides.items():
         if not hasattr(m, k):
             raise TrainError(f"unknown twin-splat model setting {k!r}")
@@ -167,7 +171,7 @@ def _trainer_class():
             loss, loss_dict, metrics = super().train_iteration(step)
             done = step - self._s0 + 1
             el = time.perf_counter() - self._t0
-            rec = {"step": step + 1, "loss": float(loss.item()), "psnr": float(metrics.get("psnr", float("nan"))),
+            rec = {"step": step + 1, "loss": float(loss.detach()), "psnr": float(metrics.get("psnr", float("nan"))),
                    "gaussians": int(metrics.get("gaussian_count", 0))}
             self.history.append(rec)
             self.on_event({"event": "train", **rec, "total": self.total, "elapsed_s": el,
@@ -282,7 +286,8 @@ def run_training(root: Path | str, options: TrainOptions = TrainOptions(), *,
         from train.evaluate import evaluate_pipeline
 
         emit({"event": "stage", "stage": "evaluate", "status": "running"})
-        metrics["eval"] = evaluate_pipeline(trainer.pipeline, run_dir, on_event=emit)
+        with quiet_nerfstudio():
+            metrics["eval"] = evaluate_pipeline(trainer.pipeline, run_dir, on_event=emit)
     if options.exports:
         from train.exports import export_run
 

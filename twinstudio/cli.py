@@ -146,6 +146,8 @@ def demo(
     frames: Annotated[Optional[int], typer.Option(help="Motion frames (default: the rig's).")] = None,
     plain: Annotated[bool, typer.Option("--plain", help="Log lines instead of the live dashboard.")] = False,
     reconstruct: Annotated[bool, typer.Option(help="Reconstruct the session after capturing it.")] = True,
+    train: Annotated[bool, typer.Option(help="Train a preview twin after reconstructing (GPU when present).")]
+    = True,
 ) -> None:
     """Run the pipeline on the virtual studio, no hardware needed.
 
@@ -154,11 +156,14 @@ def demo(
     take, each rendered by the virtual studio (with ground truth) and captured
     through the same orchestrator, journal and QA as real cameras. Then the
     reconstruction: calibrated cameras, masks, the mesh and 3D motion, with
-    their accuracy against the ground truth.
+    their accuracy against the ground truth. Then the twin: a CPU preview (or a
+    short GPU run), evaluated on held-out cameras, exported as a splat PLY and a
+    labelled turntable.
     """
     from twinstudio.pipeline import run_demo
 
-    run_demo(out, rig, scale=scale, frames=frames, plain=plain, console=console, reconstruct=reconstruct)
+    run_demo(out, rig, scale=scale, frames=frames, plain=plain, console=console, reconstruct=reconstruct,
+             train=train)
 
 
 def _render(rig_file: str, out: Path, *, frames, takes: str, scale: float, workers, plain: bool) -> None:

@@ -101,11 +101,11 @@ def print_train_summary(metrics: dict, run_dir: Path) -> None:
     ev = metrics.get("eval")
     if ev:
         t = Table(title=f"Held-out cameras ({', '.join(ev['cameras'])}): {ev['images']} images")
-        for col in ("lighting", "images", "PSNR dB", "SSIM", "LPIPS"):
+        for col in ("lighting", "images", "PSNR dB", "PSNR subject dB", "SSIM", "LPIPS"):
             t.add_column(col, justify="left" if col == "lighting" else "right")
-        for name, m in ev["per_lighting"].items():
-            t.add_row(name, str(m["images"]), _f(m["psnr"], 2), _f(m["ssim"], 3), _f(m["lpips"], 3))
-        t.add_row("[bold]all[/]", str(ev["images"]), _f(ev["psnr"], 2), _f(ev["ssim"], 3), _f(ev["lpips"], 3))
+        for name, m in [*ev["per_lighting"].items(), ("[bold]all[/]", ev)]:
+            t.add_row(name, str(m["images"]), _f(m["psnr"], 2), _f(m.get("psnr_subject"), 2), _f(m["ssim"], 3),
+                      _f(m["lpips"], 3))
         con.print(t)
     ex = metrics.get("exports")
     if ex:

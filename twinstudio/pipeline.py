@@ -13,8 +13,11 @@ DEMO_SUBJECT = "demo-subject-001"
 
 
 def run_demo(out: Path, rig: str, *, scale: float = 1.0, frames: int | None = None, plain: bool = False,
-             console: Console | None = None, reconstruct: bool = True) -> Path:
-    """Capture a whole virtual session into ``out/session`` and reconstruct it; returns the session folder.
+             console: Console | None = None, reconstruct: bool = True, train: bool = True) -> Path:
+    """Capture a whole virtual session into ``out/session``, reconstruct it and train a preview twin.
+
+    Returns the session folder. Training uses the GPU when one is present (a
+    short run), else a CPU preview (small images, 300 iterations).
 
     An earlier demo session in the same place is moved aside, never deleted.
     """
@@ -66,6 +69,8 @@ def run_demo(out: Path, rig: str, *, scale: float = 1.0, frames: int | None = No
     console.print(f"virtual studio renders and ground truth (depth, masks, meshes, joints): {path / '.virtual'}")
     if reconstruct:
         _reconstruct(path, plain, console)
+        if train:
+            _train(path, plain, console)
     return path
 
 
@@ -81,3 +86,25 @@ def _reconstruct(session: Path, plain: bool, console: Console) -> None:
         rep = run_reconstruct(session, ReconstructOptions(), on_event=on_event)
     print_accuracy(json.loads(rep.path.read_text()))
     console.print(f"reconstructed in {rep.seconds:.0f} s; report {rep.path}")
+
+
+#: the demo's GPU run: long enough to pass 30 dB on held-out cameras, short enough for a demo
+DEMO_GPU_TRAIN = {"iterations": 7000, "downscale": 2}
+
+
+def _train(session: Path, plain: bool, console: Console) -> None:
+    """Train the demo's twin (CPU preview, or a short GPU run) and print its held-out evaluation."""
+    from train.runner import TrainOptions, resolve_device, run_training
+    from twinstudio.cli_train import TrainDashboard, print_train_summary
+
+    console.rule("training the twin")
+    missing = [p for p in (session / "recon" / "cameras.json", session / "recon" / "masks") if not p.exists()]
+    if missing:
+        console.print(f"[yellow]training skipped[/]: the reconstruction wrote no {missing[0].name} "
+                      f"(see {session / 'recon' / 'report.json'})", highlight=False)
+        return
+    gpu = resolve_device("auto") == "cuda"
+    opts = TrainOptions(**DEMO_GPU_TRAIN) if gpu else TrainOptions(device="cpu")
+    with TrainDashboard(plain, "training the twin" + (" on the GPU" if gpu else " (CPU preview)")) as on_event:
+        result = run_training(session, opts, on_event=on_event)
+    print_train_summary(result.metrics, result.run_dir)

@@ -113,6 +113,8 @@ def test_demo_small_captures_a_whole_virtual_session(tmp_path, capsys):
     assert "saw the board" in report["stages"]["cameras"]["reason"]
     assert report["stages"]["masks"]["status"] == "done" and report["stages"]["mesh"]["status"] == "skipped"
     assert "mask IoU (mean)" in text and "skipped" in text
+    # without cameras there is nothing to train: the demo says so instead of failing
+    assert "training skipped: the reconstruction wrote no cameras.json" in text
     # a second demo moves the first aside instead of deleting it
     assert main(["demo", "--out", str(out), "--rig", str(rig), "--scale", "0.1", "--frames", "1", "--plain",
                  "--no-reconstruct"]) == 0
@@ -128,6 +130,8 @@ def test_demo_full_size(tmp_path):
     report = json.loads((out / "session" / "recon" / "report.json").read_text())
     assert all(s["status"] == "done" for s in report["stages"].values()), report["stages"]
     assert all(r["ok"] for r in report["accuracy"]), [r for r in report["accuracy"] if not r["ok"]]
+    metrics = json.loads((out / "session" / "train" / "twin" / "metrics.json").read_text())
+    assert metrics["eval"]["psnr"] > 28 and (out / "session" / "train" / "twin" / "splat.ply").is_file()
 
 
 CONSENT = ["--subject", "subj-042", "--agency", "Nova", "--scope", "capture", "--purpose", "e-commerce",

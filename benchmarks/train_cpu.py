@@ -1,0 +1,92 @@
+"""The twin's CPU preview: speed, memory and held-out quality on virtual-ring-24.
+
+    .venv/bin/python benchmarks/train_cpu.py [ROOT] [--iterations N] [--downscale D]
+
+ROOT is a session or virtual render folder with ``recon/cameras.json``,
+``recon/masks`` and a mesh (default: ``out/demo/session`` after ``make demo``).
+Without one, the stills take is rendered into /tmp/twinstudio-train-bench and
+prepared from the studio's exact cameras, keyed masks and the ground-truth
+mesh as seed surface. Prints one line per figure: export seconds, training
+iterations/s, training seconds, whole-run seconds (target for the demo's
+preview: <= 180 s on 2 cores), Gaussians, held-out PSNR (full image and subject
+only), SSIM, peak RSS, and how closely the exported PLY re-renders the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+TAKE = "stills-001"
+
+
+def prepare(root: Path) -> Path:
+    """Render the stills take and give it recon/cameras.json, recon/masks and a seed mesh."""
+    from reconstruct.inputs import GroundTruth, take_images, write_cameras
+    from reconstruct.masks import run_masks
+    from rigs.virtual.render import RenderOptions, run_render
+
+    if not (root / "render.json").is_file():
+        t = time.perf_counter()
+        run_render("virtual-ring-24", root, RenderOptions(takes=("stills",)))
+        print(f"render_seconds {time.perf_counter() - t:.1f}")
+    gt = GroundTruth.find(root)
+    write_cameras(root / "recon" / "cameras.json", gt.cameras().values(), method="ground-truth")
+    images = [p for frames in take_images(root, TAKE).values() for p in frames.values()]
+    run_masks(images, root / "recon" / "masks")
+    mesh = root / "recon" / "mesh" / TAKE / "mesh.ply"
+    mesh.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(gt.mesh_path(TAKE, 0), mesh)
+    return root
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("root", nargs="?", type=Path)
+    ap.add_argument("--iterations", type=int, default=300)
+    ap.add_argument("--downscale", type=int, default=8)
+    args = ap.parse_args(argv[1:])
+    from train.dataset import export_dataset
+    from train.runner import TrainOptions, run_training
+
+    root = args.root
+    if root is None:
+        demo = Path("out/demo/session")
+        root = demo if (demo / "recon" / "cameras.json").is_file() else Path(tempfile.gettempdir()) / \
+            "twinstudio-train-bench"
+    if not (root / "recon" / "cameras.json").is_file():
+        prepare(root)
+    t = time.perf_counter()
+    ex = export_dataset(root)
+    print(f"export_seconds {time.perf_counter() - t:.1f}")
+    print(f"frames {ex.frames} (held out: {', '.join(ex.holdout_cameras)})")
+    t = time.perf_counter()
+    r = run_training(root, TrainOptions(device="cpu", iterations=args.iterations, downscale=args.downscale,
+                                        run="bench-cpu", resume=False))
+    total = time.perf_counter() - t
+    m = r.metrics
+    ev = m["eval"]
+    print(f"image_size {m['image_size'][0]}x{m['image_size'][1]}")
+    print(f"iterations {m['iterations']}")
+    print(f"iterations_per_s {m['iterations_per_s']:.2f}")
+    print(f"train_seconds {m['train_s']:.1f}")
+    print(f"run_seconds {total:.1f} (setup, training, evaluation, PLY, 36-frame turntable)")
+    print(f"gaussians {m['gaussians']}")
+    print(f"heldout_psnr_db {ev['psnr']:.2f}")
+    print(f"heldout_psnr_subject_db {ev['psnr_subject']:.2f}")
+    print(f"heldout_ssim {ev['ssim']:.4f}")
+    for name, p in ev["per_lighting"].items():
+        print(f"heldout_psnr_db[{name}] {p['psnr']:.2f}")
+    print(f"peak_rss_mb {m['peak_rss_mb']:.0f}")
+    print(f"ply_rerender_psnr_db {m['exports']['ply_check']['psnr_vs_model']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,85 @@
+"""Score every checkpoint of the GPU comparison on the held-out cameras (run by benchmarks/train_gpu.sh).
+
+    python3 benchmarks/train_gpu_eval.py RUNS/ring24 RESULTS
+
+Both methods are scored the same way, whatever their own metrics do: the ground
+truth is composited with the subject mask onto the render's background
+(``psnr``), and the subject's pixels are scored alone (``psnr_subject``).
+Prints per method and checkpoint the mean figures, then the minutes to reach
+30 dB (training wall time from RESULTS/summary.txt, pro rata to the step).
+Runs on the GPU machine with only nerfstudio's dependencies (no twinstudio set-up).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+# the plugin's packages come from the repository (benchmarks/reconstruct.py would shadow reconstruct/)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def score(pipeline) -> dict:
+    dm, model = pipeline.datamanager, pipeline.model
+    psnr, subj = [], []
+    for i in range(len(dm.eval_dataset)):
+        cam = dm.eval_dataset.cameras[i: i + 1].to(model.device)
+        data = dm.cached_eval[i]
+        with torch.no_grad():
+            out = model.get_outputs_for_camera(cam)
+        pred = out["rgb"]
+        gt = data["image"].to(model.device)
+        gt = (gt.float() / 255.0 if gt.dtype == torch.uint8 else gt)[..., :3]
+        mask = data["mask"].to(model.device).float()
+        bg = out["background"]
+        gt_c = gt * mask + bg * (1 - mask)
+        psnr.append(float(-10 * torch.log10(((gt_c - pred) ** 2).mean())))
+        sel = mask[..., 0] > 0.5
+        subj.append(float(-10 * torch.log10(((gt - pred)[sel] ** 2).mean())))
+    return {"psnr": sum(psnr) / len(psnr), "psnr_subject": sum(subj) / len(subj), "images": len(psnr)}
+
+
+def main(argv: list[str]) -> int:
+    from nerfstudio.utils.eval_utils import eval_setup
+
+    runs, results = Path(argv[1]), Path(argv[2])
+    walls = {m.group(1): (float(m.group(2)), int(m.group(3))) for m in re.finditer(
+        r"^(\S+) train_wall_s ([\d.]+) iterations (\d+)", (results / "summary.txt").read_text(), re.M)}
+    report = {}
+    for method_dir in sorted(p for p in runs.iterdir() if (p / "run" / "config.yml").is_file()):
+        method = method_dir.name
+        cfg_path = method_dir / "run" / "config.yml"
+        steps = sorted(int(p.stem.split("-")[1]) for p in (method_dir / "run" / "nerfstudio_models").glob("*.ckpt"))
+        rows = []
+        for step in steps:
+            def at_step(c, step=step):
+                c.load_step = step
+                return c
+
+            _, pipeline, _, _ = eval_setup(cfg_path, test_mode="test", update_config_callback=at_step)
+            s = score(pipeline)
+            s["step"] = step
+            s["gaussians"] = int(pipeline.model.num_points)
+            rows.append(s)
+            print(f"{method} step {step} heldout_psnr_db {s['psnr']:.2f} heldout_psnr_subject_db "
+                  f"{s['psnr_subject']:.2f} gaussians {s['gaussians']}", flush=True)
+            del pipeline
+            torch.cuda.empty_cache()
+        wall, iters = walls.get(method, (math.nan, 1))
+        hit = next((r["step"] for r in rows if r["psnr"] >= 30.0), None)
+        minutes = wall / iters * hit / 60 if hit is not None else None
+        report[method] = {"checkpoints": rows, "train_wall_s": wall, "iterations": iters,
+                          "iterations_per_s": iters / wall if wall else None, "minutes_to_30db": minutes}
+        print(f"{method} iterations_per_s {iters / wall:.1f} minutes_to_30db "
+              f"{'not reached' if minutes is None else f'{minutes:.2f}'}")
+    (results / "eval.json").write_text(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,331 @@
+"""Training the twin: dataset export (read by nerfstudio), the twin-splat plugin, CPU training, evaluation, exports.
+
+One small virtual render (ring-24 stills at 320x240) serves every test; its
+exact cameras and masks stand in for the reconstruction, so a failure here is
+the training stage's own.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+pytest.importorskip("nerfstudio")
+
+from reconstruct.inputs import GroundTruth, read_cameras, write_cameras  # noqa: E402
+from rigs.geometry import project_points  # noqa: E402
+from rigs.virtual.render import RenderOptions, run_render  # noqa: E402
+from train.dataset import ExportOptions, TrainError, export_dataset, read_dataset  # noqa: E402
+
+SCALE = 0.25
+TAKE = "stills-001"
+
+
+@pytest.fixture(scope="module")
+def scene(tmp_path_factory):
+    """A virtual render with recon/cameras.json and recon/masks from its ground truth."""
+    root = tmp_path_factory.mktemp("train") / "render"
+    run_render("virtual-ring-24", root, RenderOptions(takes=("stills",), scale=SCALE, workers=1))
+    gt = GroundTruth.find(root)
+    write_cameras(root / "recon" / "cameras.json", gt.cameras().values(), method="ground-truth")
+    for src in (gt.take_dir(TAKE)).glob("cam*/*.mask.png"):
+        dst = root / "recon" / "masks" / TAKE / src.parent.name / src.name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src, dst)
+    return root
+
+
+@pytest.fixture(scope="module")
+def dataset(scene):
+    gt = GroundTruth.find(scene)
+    return export_dataset(scene, options=ExportOptions(downscales=(2, 4), seed_points=4000),
+                          mesh_path=gt.mesh_path(TAKE, 0))
+
+
+@pytest.fixture(scope="module")
+def trained(scene, dataset):
+    from train.runner import TrainOptions, run_training
+
+    events: list[dict] = []
+    result = run_training(scene, TrainOptions(device="cpu", iterations=60, downscale=4, run="t", save_every=30,
+                                              turntable_frames=4), on_event=events.append)
+    return result, events
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def test_export_layout_split_and_metadata(scene, dataset):
+    doc = read_dataset(dataset.out_dir)
+    meta = doc["twinstudio"]
+    assert dataset.frames == 24 * 8 and len(doc["frames"]) == 192
+    assert dataset.holdout_cameras == ["cam04", "cam10", "cam16", "cam22"]
+    held = {f["file_path"] for f in doc["frames"] if f["camera"] in dataset.holdout_cameras}
+    assert set(doc["test_filenames"]) == set(doc["val_filenames"]) == held
+    assert not held & set(doc["train_filenames"])
+    assert len(doc["train_filenames"]) == 160
+    assert meta["presets"][0] == "flat" and len(meta["presets"]) == 8
+    assert {f["lighting"] for f in doc["frames"]} == set(meta["presets"])
+    assert all(meta["presets"][f["lighting_index"]] == f["lighting"] for f in doc["frames"])
+    f0 = doc["frames"][0]
+    for rel in (f0["file_path"], f0["mask_path"], f"images_4/{f0['file_path'].split('/')[1]}",
+                f"masks_2/{f0['mask_path'].split('/')[1]}", "sparse_pc.ply"):
+        assert (dataset.out_dir / rel).is_file(), rel
+    import cv2
+
+    small = cv2.imread(str(dataset.out_dir / "masks_4" / f0["mask_path"].split("/")[1]), cv2.IMREAD_GRAYSCALE)
+    assert small.shape == (60, 80) and set(np.unique(small)) <= {0, 255}
+    assert meta["seed_points"] == 4000 and "time" not in f0
+
+
+def test_nerfstudio_dataparser_reprojects_a_ground_truth_point(scene, dataset):
+    """nerfstudio's own parser (re-oriented, centred, scaled) puts a GT point where the GT camera sees it."""
+    import torch
+    from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataParserConfig
+
+    for downscale in (1, 2):
+        parser = NerfstudioDataParserConfig(data=dataset.out_dir, downscale_factor=downscale,
+                                            load_3D_points=True).setup()
+        out = parser.get_dataparser_outputs("train")
+        assert len(out.image_filenames) == 160
+        assert out.mask_filenames is not None and len(out.mask_filenames) == 160
+        assert "points3D_xyz" in out.metadata and len(out.metadata["points3D_xyz"]) == 4000
+        gt = GroundTruth.find(scene).cameras()
+        X = np.array([[0.05, -0.1, 1.2], [0.0, 0.1, 0.4]])  # on the subject, world metres
+        Xh = np.c_[X, np.ones(len(X))]
+        Xn = out.dataparser_scale * (out.dataparser_transform.numpy() @ Xh.T).T
+        for i in (0, 37, 101):
+            name = out.image_filenames[i].stem
+            cam = gt[name.split("_")[0]]
+            c2w = out.cameras.camera_to_worlds[i].numpy().astype(np.float64)
+            pc = (Xn - c2w[:, 3]) @ c2w[:, :3]  # into the camera, OpenGL axes
+            fx, fy = out.cameras.fx[i].item(), out.cameras.fy[i].item()
+            cx, cy = out.cameras.cx[i].item(), out.cameras.cy[i].item()
+            u = fx * pc[:, 0] / -pc[:, 2] + cx
+            v = fy * -pc[:, 1] / -pc[:, 2] + cy
+            undistorted = type(cam.intrinsics)(**{**cam.intrinsics.to_dict(), "dist": [0.0] * 5})
+            uv_cv, _ = project_points(X, undistorted, cam.pose)
+            # nerfstudio's pixel centres sit at +0.5, and downscaling scales those coordinates
+            np.testing.assert_allclose(u, (uv_cv[:, 0] + 0.5) / downscale, atol=2e-3)
+            np.testing.assert_allclose(v, (uv_cv[:, 1] + 0.5) / downscale, atol=2e-3)
+            k = out.cameras.distortion_params[i].numpy()
+            np.testing.assert_allclose(k[[0, 1, 2, 4, 5]], np.asarray(cam.intrinsics.dist)[[0, 1, 4, 2, 3]],
+                                       atol=1e-6)
+        assert torch.is_tensor(out.cameras.camera_to_worlds)
+
+
+def test_twin_dataparser_keeps_the_studio_frame_and_lighting(dataset):
+    from train.method import TwinDataParserConfig
+
+    out = TwinDataParserConfig(data=dataset.out_dir, downscale_factor=2).setup().get_dataparser_outputs("val")
+    np.testing.assert_allclose(out.dataparser_transform.numpy(), np.eye(4)[:3], atol=1e-7)
+    assert out.dataparser_scale == 1.0
+    doc = read_dataset(dataset.out_dir)
+    by_name = {f["file_path"].split("/")[1]: f for f in doc["frames"]}
+    lighting = out.cameras.metadata["lighting"][:, 0].tolist()
+    assert len(lighting) == 32
+    assert [by_name[p.name]["lighting_index"] for p in out.image_filenames] == lighting
+    assert out.cameras[3:4].metadata["lighting"].shape == (1, 1)  # survives nerfstudio's indexing
+    assert out.metadata["presets"] == doc["twinstudio"]["presets"]
+
+
+def test_export_refuses_what_it_cannot_use(scene, tmp_path):
+    with pytest.raises(TrainError, match="cam99"):
+        export_dataset(scene, tmp_path / "a", ExportOptions(holdout=("cam99",), downscales=()))
+    with pytest.raises(TrainError, match="no calibrated cameras"):
+        export_dataset(scene, tmp_path / "b", cameras_path=tmp_path / "missing.json")
+    with pytest.raises(TrainError, match="no image of take"):
+        export_dataset(scene, tmp_path / "c", masks_dir=tmp_path / "nomasks")
+    # a camera missing from cameras.json is skipped and said so
+    cams = read_cameras(scene / "recon" / "cameras.json")
+    path = write_cameras(tmp_path / "cams.json", [c for k, c in cams.items() if k != "cam05"])
+    r = export_dataset(scene, tmp_path / "d", ExportOptions(downscales=(), seed_points=0), cameras_path=path)
+    assert "cam05" in r.skipped and r.frames == 23 * 8
+    with pytest.raises(TrainError, match="downscale"):
+        ExportOptions(downscales=(3,))
+    with pytest.raises(TrainError, match="export the dataset first"):
+        read_dataset(tmp_path / "nothing")
+
+
+# ----------------------------------------------------------------------------- plugin
+
+
+def test_twin_splat_is_registered_with_nerfstudio():
+    from importlib.metadata import entry_points
+
+    eps = [e for e in entry_points(group="nerfstudio.method_configs") if e.name == "twin-splat"]
+    assert len(eps) == 1 and eps[0].value == "train.config:twin_splat"
+    from nerfstudio.configs.method_configs import all_methods
+
+    from train.method import TwinDataParserConfig, TwinSplatModelConfig
+
+    cfg = all_methods["twin-splat"]
+    assert isinstance(cfg.pipeline.model, TwinSplatModelConfig)
+    assert isinstance(cfg.pipeline.datamanager.dataparser, TwinDataParserConfig)
+    assert {"appearance", "lighting_embedding", "means"} <= set(cfg.optimizers)
+
+
+def test_lpips_is_never_downloaded(tmp_path, monkeypatch):
+    import torch
+
+    from train.method import OptionalLPIPS
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # no weights here
+    m = OptionalLPIPS("auto")
+    assert not m.available
+    assert torch.isnan(m(torch.rand(1, 3, 8, 8), torch.rand(1, 3, 8, 8)))
+    assert not OptionalLPIPS("off").available
+    with pytest.raises(TrainError, match="nothing is downloaded"):
+        OptionalLPIPS("on")
+
+
+# ----------------------------------------------------------------------------- CPU training, evaluation, exports
+
+
+def test_cpu_training_lowers_the_loss_and_reports_progress(trained):
+    result, events = trained
+    m = result.metrics
+    assert result.device == "cpu" and m["iterations"] == 60 and m["steps_this_run"] == 60
+    steps = [e for e in events if e["event"] == "train"]
+    assert [e["step"] for e in steps] == list(range(1, 61))
+    first = np.mean([e["loss"] for e in steps[:5]])
+    last = np.mean([e["loss"] for e in steps[-5:]])
+    assert last < 0.7 * first, (first, last)
+    assert steps[-1]["eta_s"] == pytest.approx(0.0, abs=1e-6) and steps[0]["it_s"] > 0
+    assert m["image_size"] == [80, 60] or m["image_size"][1] <= 60  # undistortion may crop a pixel
+    assert (result.run_dir / "nerfstudio_models").is_dir()
+    saved = json.loads((result.run_dir / "metrics.json").read_text())
+    assert saved["schema"] == "twinstudio.train-metrics" and saved["gaussians"] == m["gaussians"]
+
+
+def test_evaluation_per_lighting_preset_on_held_out_cameras(trained, dataset):
+    result, _ = trained
+    ev = result.metrics["eval"]
+    assert ev["cameras"] == dataset.holdout_cameras and ev["images"] == 32
+    assert set(ev["per_lighting"]) == set(dataset.presets)
+    for m in ev["per_lighting"].values():
+        assert m["images"] == 4 and 15 < m["psnr"] < 60 and 0 < m["ssim"] <= 1
+        assert m["lpips"] is None  # no AlexNet weights on this machine: reported as absent, not invented
+    assert 0 < ev["psnr_subject"] < ev["psnr"]
+    rows = json.loads((result.run_dir / "eval" / "eval.json").read_text())["images"]
+    assert len(rows) == 32
+    import cv2
+
+    pngs = ev["side_by_side"]
+    assert len(pngs) == 4
+    img = cv2.imread(str(result.run_dir / "eval" / pngs[0]))
+    assert img.shape[1] == 3 * (img.shape[1] // 3) and img.shape[0] >= 240
+
+
+def test_splat_ply_reads_back_with_plyfile_and_rerenders_like_the_model(trained):
+    from plyfile import PlyData
+
+    result, _ = trained
+    ex = result.metrics["exports"]
+    ply = PlyData.read(str(result.run_dir / ex["splat_ply"]))
+    names = [p.name for p in ply["vertex"].properties]
+    assert names[:9] == ["x", "y", "z", "nx", "ny", "nz", "f_dc_0", "f_dc_1", "f_dc_2"]
+    assert names[-8:] == ["opacity", "scale_0", "scale_1", "scale_2", "rot_0", "rot_1", "rot_2", "rot_3"]
+    assert len([n for n in names if n.startswith("f_rest_")]) == 9  # SH degree 1 on the CPU
+    v = ply["vertex"]
+    assert v.count == result.metrics["gaussians"]
+    q = np.stack([v[f"rot_{i}"] for i in range(4)], axis=1)
+    np.testing.assert_allclose(np.linalg.norm(q, axis=1), 1.0, atol=1e-5)
+    # in studio metres, on the subject (standing in the capture volume)
+    xyz = np.stack([v["x"], v["y"], v["z"]], axis=1)
+    inside = (np.abs(xyz[:, :2]).max(axis=1) < 1.2) & (xyz[:, 2] > -0.1) & (xyz[:, 2] < 2.2)
+    assert inside.mean() > 0.95
+    assert ex["ply_check"]["psnr_vs_model"] > 50
+    assert any("AI-generated" in c for c in ply.comments)
+
+
+def test_turntable_preview_is_labelled(trained):
+    import cv2
+
+    result, _ = trained
+    tt = result.metrics["exports"]["turntable"]
+    assert tt["frames"] == 4 and "AI-generated digital twin" == tt["label"]
+    cap = cv2.VideoCapture(str(result.run_dir / tt["mp4"]))
+    assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 4
+    frame = cv2.imread(str(sorted((result.run_dir / tt["png_dir"]).glob("*.png"))[0]))
+    assert frame.shape[:2] == (320, 240)
+    # the label's banner: dark strip with white text at the bottom
+    strip = frame[-15:]
+    assert strip.mean() < frame[:-40].mean() and strip.max() > 200
+
+
+# ----------------------------------------------------------------------------- consent
+
+
+def test_training_needs_consent_for_train(tmp_path):
+    from capture.consent import ConsentError, ConsentRecord, add_consent, revoke_consent
+    from train.runner import check_train_consent
+
+    s = tmp_path / "session"
+    s.mkdir()
+    (s / "session.json").write_text("{}")
+    with pytest.raises(ConsentError, match="no consent recorded"):
+        check_train_consent(s)
+    today = dt.date.today()
+    base = dict(subject_id="subj-001", agency="A", purposes=["campaign"], markets=["EU"],
+                compensation_ref="INV-1", document_sha256="0" * 64)
+    add_consent(s, ConsentRecord(scopes=["capture"], valid_from=today, valid_until=today + dt.timedelta(days=9),
+                                 **base))
+    with pytest.raises(ConsentError, match="does not cover 'train'"):
+        check_train_consent(s)
+    add_consent(s, ConsentRecord(scopes=["capture", "train"], valid_from=today - dt.timedelta(days=30),
+                                 valid_until=today - dt.timedelta(days=1), **base))
+    with pytest.raises(ConsentError, match="expired"):
+        check_train_consent(s)
+    add_consent(s, ConsentRecord(scopes=["train"], valid_from=today, valid_until=today + dt.timedelta(days=9),
+                                 **base))
+    assert check_train_consent(s)["subject_id"] == "subj-001"
+    revoke_consent(s, "withdrawn")
+    with pytest.raises(ConsentError, match="revoked"):
+        check_train_consent(s)
+    plain = tmp_path / "photos"
+    plain.mkdir()
+    with pytest.raises(TrainError, match="no session.json"):
+        check_train_consent(plain)
+
+
+def test_cli_export_run_report_and_consent_refusal(scene, trained, tmp_path, capsys):
+    from twinstudio.cli import main
+
+    assert main(["train", "export", str(scene), "--out", str(tmp_path / "ds"), "--holdout", "cam01,cam13"]) == 0
+    out = capsys.readouterr().out
+    assert "exported 192 frames" in out and "cam01, cam13" in out
+    assert main(["train", "report", str(scene), "--run", "t"]) == 0
+    out = capsys.readouterr().out
+    assert "Held-out cameras" in out and "olat-key" in out and "splat" in out
+    if not _cuda():
+        assert main(["train", "run", str(scene), "--device", "cuda"]) == 2
+        assert "no CUDA GPU" in capsys.readouterr().err
+    s = tmp_path / "session"
+    s.mkdir()
+    (s / "session.json").write_text("{}")
+    assert main(["train", "run", str(s), "--device", "cpu", "--plain"]) == 2
+    assert "no consent recorded" in capsys.readouterr().err
+    assert main(["train", "report", str(scene), "--run", "nope"]) == 2
+
+
+def test_resume_continues_from_the_checkpoint(scene, trained):
+    from train.runner import TrainOptions, run_training
+
+    result, _ = trained
+    more = run_training(scene, TrainOptions(device="cpu", iterations=70, downscale=4, run="t", evaluate=False,
+                                            exports=False))
+    assert more.start_step == 60 and more.metrics["steps_this_run"] == 10
+    assert more.metrics["history"][0]["step"] == 61
+    # the run's metrics now describe the resumed run, which was not evaluated
+    assert "eval" not in more.metrics
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
