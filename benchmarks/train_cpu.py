@@ -49,7 +49,7 @@ def prepare(root: Path) -> Path:
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("root", nargs="?", type=Path)
-    ap.add_argument("--iterations", type=int, default=300)
+    ap.add_argument("--iterations", type=int, default=800)
     ap.add_argument("--downscale", type=int, default=8)
     args = ap.parse_args(argv[1:])
     from train.dataset import export_dataset

@@ -38,7 +38,9 @@ class TwinTrainerConfig(TrainerConfig):
         return Path(self.run_dir) if self.run_dir is not None else super().get_base_dir()
 
 
-def optimizers(max_steps: int = 30000) -> dict:
+def optimizers(max_steps: int = 30000, colour_lr_scale: float = 1.0) -> dict:
+    """splatfacto's optimisers in studio metres; ``colour_lr_scale`` speeds up colour and appearance for
+    short runs (a preview of a few hundred steps cannot move a colour far at splatfacto's rates)."""
     def adam(lr: float, final: float | None = None, warmup: int = 0) -> dict:
         sched = (ExponentialDecaySchedulerConfig(lr_final=final, max_steps=max_steps, warmup_steps=warmup,
                                                  lr_pre_warmup=0 if warmup else 1e-8)
@@ -47,13 +49,13 @@ def optimizers(max_steps: int = 30000) -> dict:
 
     return {
         "means": adam(1.6e-4 * STUDIO_SCALE_M, 1.6e-6 * STUDIO_SCALE_M),
-        "features_dc": adam(0.0025),
-        "features_rest": adam(0.0025 / 20),
+        "features_dc": adam(0.0025 * colour_lr_scale),
+        "features_rest": adam(0.0025 / 20 * colour_lr_scale),
         "opacities": adam(0.05),
         "scales": adam(0.005),
         "quats": adam(0.001),
-        "appearance": adam(0.0025),
-        "lighting_embedding": adam(1e-3),
+        "appearance": adam(0.0025 * colour_lr_scale),
+        "lighting_embedding": adam(1e-3 * colour_lr_scale),
         "camera_opt": adam(1e-4, 5e-7, warmup=1000),
     }
 

@@ -142,6 +142,8 @@ class TwinSplatModelConfig(SplatfactoModelConfig):
     """preset index used where a camera has none (viewer, turntable, exports)"""
     lpips: Literal["auto", "on", "off"] = "auto"
     """LPIPS only where its AlexNet weights are already on disk ("auto"); never downloaded"""
+    init_opacity: float = 0.1
+    """opacity of the Gaussians at the start (splatfacto: 0.1)"""
     refine_pause_after_reset: Optional[int] = None
     """steps without refinement after an opacity reset (None: splatfacto's, the training images + refine_every);
     gsplat also applies it from step 0, which would stop a short run from ever refining"""
@@ -196,7 +198,7 @@ class TwinSplatModel(SplatfactoModel):
             "quats": Parameter(quats),
             "features_dc": Parameter(dc),
             "features_rest": Parameter(torch.zeros((n, dim_sh - 1, 3))),
-            "opacities": Parameter(torch.logit(0.1 * torch.ones(n, 1))),
+            "opacities": Parameter(torch.logit(cfg.init_opacity * torch.ones(n, 1))),
             "appearance": Parameter(torch.zeros((n, a, 3))),
         })
         self.lighting_embedding = torch.nn.Embedding(len(self.presets), a)

@@ -217,6 +217,8 @@ def _colors(means: Tensor, colors: Tensor, viewmats: Tensor, sh_degree: int | No
     """Per-camera colours [C, N, D]: as given, or evaluated from SH coefficients [N, K, 3]."""
     n_cams = viewmats.shape[0]
     if sh_degree is None:
+        if colors.dim() != 2:
+            raise ValueError(f"without sh_degree, colors must be [N, D], got {list(colors.shape)}")
         return colors[None].expand(n_cams, -1, -1)
     n_bases = (sh_degree + 1) ** 2
     if colors.dim() != 3 or colors.shape[1] < n_bases:
@@ -279,7 +281,7 @@ def _block_rows(
     n_rows = int(counts.sum())
     if n_rows * BLOCK * BLOCK > max_pairs:
         raise ValueError(
-            f"rasterize: {n_rows * BLOCK * BLOCK:,} Gaussian-pixel pairs for {n_cams} camera(s) at "
+            f"rasterize: {n_rows * BLOCK * BLOCK:,} candidate Gaussian-pixel pairs for {n_cams} camera(s) at "
             f"{width}x{height} exceed max_pairs={max_pairs:,}; render smaller images, use fewer or "
             "smaller Gaussians, or raise max_pairs"
         )

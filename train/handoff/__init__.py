@@ -1,0 +1,1 @@
+"""The handoff bundle: what leaves the studio, signed and verifiable."""
