@@ -1,4 +1,4 @@
-"""Shared test set-up: markers that skip cleanly where they cannot run."""
+"""Shared test set-up: markers that skip cleanly where they cannot run; a private studio home."""
 
 from __future__ import annotations
 
@@ -30,3 +30,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 cuda = _cuda_available()
             if not cuda:
                 item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+
+
+@pytest.fixture(autouse=True)
+def _studio_home(tmp_path_factory, monkeypatch):
+    """Keys and the revocation list go to a fresh folder per test, never to the user's ~/.twinstudio."""
+    monkeypatch.setenv("TWINSTUDIO_HOME", str(tmp_path_factory.mktemp("studio-home")))

@@ -36,11 +36,15 @@ from twinstudio.cli_capture import capture_app, consent_app  # noqa: E402 - need
 
 from twinstudio.cli_reconstruct import reconstruct_app  # noqa: E402
 from twinstudio.cli_train import train_app  # noqa: E402
+from twinstudio.cli_handoff import bundle_cmd, keys_app, verify_cmd  # noqa: E402
 
 app.add_typer(consent_app, name="consent")
 app.add_typer(capture_app, name="capture")
 app.add_typer(reconstruct_app, name="reconstruct")
 app.add_typer(train_app, name="train")
+app.add_typer(keys_app, name="keys")
+app.command("bundle")(bundle_cmd)
+app.command("verify")(verify_cmd)
 
 DEFAULT_RIG = "virtual-ring-24"
 
@@ -223,7 +227,9 @@ class _progress:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code."""
     try:
-        app(args=argv, standalone_mode=False)
+        rv = app(args=argv, standalone_mode=False)
+        if isinstance(rv, int):  # typer.Exit(code) without standalone mode comes back as the return value
+            return rv
     except TwinstudioError as e:
         err_console.print(f"[bold red]error:[/] {e}", highlight=False)
         return e.exit_code

@@ -86,12 +86,15 @@ def consent_revoke(
     session: SessionOpt,
     reason: Annotated[str, typer.Option(help="Why (kept with the record).")],
     consent_id: Annotated[Optional[str], typer.Option("--id", help="Only this record (default: all).")] = None,
+    revocations: Annotated[Optional[Path], typer.Option(
+        help="Studio revocation list to add it to (default: $TWINSTUDIO_HOME/revocations.json).")] = None,
 ) -> None:
-    """Revoke consent: no further takes, training or bundles for this session."""
-    from capture.consent import revoke_consent
+    """Revoke consent: no further takes, training or bundles; bundles already out fail 'twinstudio verify'."""
+    from capture.consent import revocation_list_path, revoke_consent
 
-    for r in revoke_consent(session, reason, consent_id):
+    for r in revoke_consent(session, reason, consent_id, revocations=revocations):
         _console().print(f"[yellow]revoked[/] consent {r.consent_id} of {r.subject_id}")
+    _console().print(f"revocation list: {revocations or revocation_list_path()}")
 
 
 def _options(frames, sim_latency, sim_jitter, sim_failure_rate, sim_disconnect_after, virtual_source,

@@ -74,8 +74,9 @@ class TrainDashboard:
                 extra += f" from step {ev['start_step']}" if ev.get("start_step") else ""
                 self.con.print(f"[bold]{ev['stage']}[/]{extra} …")
         elif kind == "progress" and ev.get("total"):
+            finished = self.progress.get(ev["stage"]) == (ev["total"], ev["total"])
             self.progress[ev["stage"]] = (ev["done"], ev["total"])
-            if self.plain and ev["done"] == ev["total"]:
+            if self.plain and ev["done"] == ev["total"] and not finished:
                 self.con.print(f"  {ev['stage']}: {ev['total']} done")
         if not self.plain:
             self.live.update(self._panel())
