@@ -49,6 +49,7 @@ bench: setup
 	$(PY) benchmarks/capture.py
 	$(PY) benchmarks/reconstruct.py
 	$(PY) benchmarks/train_cpu.py
+	$(PY) benchmarks/bundle.py
 
 clean:
 	rm -rf out .pytest_cache

@@ -162,7 +162,8 @@ def demo(
     reconstruction: calibrated cameras, masks, the mesh and 3D motion, with
     their accuracy against the ground truth. Then the twin: a CPU preview (or a
     short GPU run), evaluated on held-out cameras, exported as a splat PLY and a
-    labelled turntable.
+    labelled turntable. Last, the signed handoff bundle (out/bundle-<subject>.tar,
+    signed with a demo key in out/keys), verified.
     """
     from twinstudio.pipeline import run_demo
 

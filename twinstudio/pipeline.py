@@ -69,8 +69,8 @@ def run_demo(out: Path, rig: str, *, scale: float = 1.0, frames: int | None = No
     console.print(f"virtual studio renders and ground truth (depth, masks, meshes, joints): {path / '.virtual'}")
     if reconstruct:
         _reconstruct(path, plain, console)
-        if train:
-            _train(path, plain, console)
+        if train and _train(path, plain, console):
+            _bundle(path, out, plain, console)
     return path
 
 
@@ -92,7 +92,7 @@ def _reconstruct(session: Path, plain: bool, console: Console) -> None:
 DEMO_GPU_TRAIN = {"iterations": 7000, "downscale": 2}
 
 
-def _train(session: Path, plain: bool, console: Console) -> None:
+def _train(session: Path, plain: bool, console: Console) -> bool:
     """Train the demo's twin (CPU preview, or a short GPU run) and print its held-out evaluation."""
     from train.runner import TrainOptions, resolve_device, run_training
     from twinstudio.cli_train import TrainDashboard, print_train_summary
@@ -102,9 +102,41 @@ def _train(session: Path, plain: bool, console: Console) -> None:
     if missing:
         console.print(f"[yellow]training skipped[/]: the reconstruction wrote no {missing[0].name} "
                       f"(see {session / 'recon' / 'report.json'})", highlight=False)
-        return
+        return False
     gpu = resolve_device("auto") == "cuda"
     opts = TrainOptions(**DEMO_GPU_TRAIN) if gpu else TrainOptions(device="cpu")
     with TrainDashboard(plain, "training the twin" + (" on the GPU" if gpu else " (CPU preview)")) as on_event:
         result = run_training(session, opts, on_event=on_event)
     print_train_summary(result.metrics, result.run_dir)
+    return True
+
+
+def _bundle(session: Path, out: Path, plain: bool, console: Console) -> None:
+    """Sign the demo's handoff bundle with a demo studio key, verify it, print its summary."""
+    from train.handoff.bundle import BundleOptions, build_bundle
+    from train.handoff.integrity import init_keys
+    from train.handoff.verify import verify_bundle
+    from twinstudio.cli_handoff import print_bundle_summary
+    from twinstudio.cli_train import TrainDashboard
+
+    console.rule("handoff bundle")
+    keys = out / "keys"  # the demo's own studio key, not the studio's real one in ~/.twinstudio
+    if not (keys / "studio.key").exists():
+        init_keys(keys)
+    target = out / f"bundle-{DEMO_SUBJECT}.tar"
+    if target.exists():
+        aside = target.with_name(f"{target.stem}.{time.strftime('%Y%m%d-%H%M%S')}.tar")
+        target.rename(aside)
+        console.print(f"an earlier demo bundle was moved to {aside}")
+    with TrainDashboard(plain, "bundling") as on_event:
+        r = build_bundle(session, target, BundleOptions(key=keys / "studio.key"), on_event=on_event)
+    v = verify_bundle(target, pubkey=keys / "studio.pub")
+    rep = v.integrity
+    colour = "green" if v.exit_code == 0 else "red"
+    console.print(f"[bold {colour}]twinstudio verify: {v.status}[/] ({rep.files} files, {rep.bytes / 2**20:.1f} MiB "
+                  f"hashed in {rep.seconds:.1f} s; signed by the trusted key {rep.key_id})", highlight=False)
+    for p in [*rep.problems, *v.consent_problems]:
+        console.print(f"  [red]{p}[/]", highlight=False)
+    print_bundle_summary(r.manifest, target, r.files, r.bytes, r.key_id, v.status)
+    console.print(f"  public key for render teams: {keys / 'studio.pub'}; check with "
+                  f"'twinstudio verify {target} --pubkey {keys / 'studio.pub'}'", highlight=False)

@@ -132,6 +132,10 @@ def test_demo_full_size(tmp_path):
     assert all(r["ok"] for r in report["accuracy"]), [r for r in report["accuracy"] if not r["ok"]]
     metrics = json.loads((out / "session" / "train" / "twin" / "metrics.json").read_text())
     assert metrics["eval"]["psnr"] > 28 and (out / "session" / "train" / "twin" / "splat.ply").is_file()
+    from train.handoff.verify import verify_bundle
+
+    bundle = out / "bundle-demo-subject-001.tar"
+    assert verify_bundle(bundle, pubkey=out / "keys" / "studio.pub").exit_code == 0
 
 
 CONSENT = ["--subject", "subj-042", "--agency", "Nova", "--scope", "capture", "--purpose", "e-commerce",
