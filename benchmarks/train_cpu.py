@@ -46,6 +46,17 @@ def prepare(root: Path) -> Path:
     return root
 
 
+def ready_root(root: Path | None) -> Path:
+    """``root``, or the demo session, or the benchmark render (prepared when missing)."""
+    if root is None:
+        demo = Path("out/demo/session")
+        root = demo if (demo / "recon" / "cameras.json").is_file() else Path(tempfile.gettempdir()) / \
+            "twinstudio-train-bench"
+    if not (root / "recon" / "cameras.json").is_file():
+        prepare(root)
+    return root
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("root", nargs="?", type=Path)
@@ -55,13 +66,7 @@ def main(argv: list[str]) -> int:
     from train.dataset import export_dataset
     from train.runner import TrainOptions, run_training
 
-    root = args.root
-    if root is None:
-        demo = Path("out/demo/session")
-        root = demo if (demo / "recon" / "cameras.json").is_file() else Path(tempfile.gettempdir()) / \
-            "twinstudio-train-bench"
-    if not (root / "recon" / "cameras.json").is_file():
-        prepare(root)
+    root = ready_root(args.root)
     t = time.perf_counter()
     ex = export_dataset(root)
     print(f"export_seconds {time.perf_counter() - t:.1f}")

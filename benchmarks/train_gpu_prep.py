@@ -45,21 +45,13 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--out", type=Path, default=Path(".data/ring24"))
     args = ap.parse_args(argv[1:])
     import importlib.util
-    import tempfile
 
     from train.dataset import export_dataset
 
-    root = args.root
-    if root is None:
-        demo = Path("out/demo/session")
-        root = demo if (demo / "recon" / "cameras.json").is_file() else Path(tempfile.gettempdir()) / \
-            "twinstudio-train-bench"
-    if not (root / "recon" / "cameras.json").is_file():
-        spec = importlib.util.spec_from_file_location("train_cpu", Path(__file__).with_name("train_cpu.py"))
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        mod.prepare(root)
-    ex = export_dataset(root)
+    spec = importlib.util.spec_from_file_location("train_cpu", Path(__file__).with_name("train_cpu.py"))
+    train_cpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_cpu)
+    ex = export_dataset(train_cpu.ready_root(args.root))
     n = halve(ex.out_dir, args.out)
     size = sum(p.stat().st_size for p in args.out.rglob("*") if p.is_file())
     print(f"frames {n}")
