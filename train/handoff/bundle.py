@@ -125,8 +125,9 @@ def build_bundle(session: Path | str, out: Path | str, options: BundleOptions = 
             from train.handoff.genkit import KitOptions, build_generation_kit
 
             emit({"event": "stage", "stage": "generation kit", "status": "running"})
-            build_generation_kit(session, stage / "generation", consent.subject_id,
-                                 KitOptions(size=options.kit_size, take=take), on_event=emit)
+            kit = build_generation_kit(session, stage / "generation", consent.subject_id,
+                                       KitOptions(size=options.kit_size, take=take), on_event=emit)
+            omitted.update({f"generation/{what}": why for what, why in kit.skipped.items()})
         else:
             omitted["generation"] = "not requested (--no-generation-kit)"
         atomic_write_bytes(stage / "USAGE.md", usage_text(consent, manifest_s.subject_id).encode())
