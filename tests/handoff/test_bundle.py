@@ -123,6 +123,17 @@ def test_generation_kit(bundle):
     assert {x["view"] for x in lines} >= {"front", "back"}
 
 
+def test_images_the_kit_skips_are_listed_in_the_manifest(session, keys, tmp_path):
+    s = tmp_path / "s"
+    shutil.copytree(session, s, ignore=shutil.ignore_patterns(".virtual"))
+    (s / "recon" / "masks" / "stills-001" / "cam05" / "000003.mask.png").unlink()
+    r = build_bundle(s, tmp_path / "b", BundleOptions(key=keys[0], kit_size=32))
+    assert r.omitted["generation/stills-001/cam05/000003"].startswith("no mask")
+    lines = (r.path / "generation" / "metadata.jsonl").read_text().splitlines()
+    assert len(lines) == 24 * 8 - 1
+    assert json.loads((r.path / "MANIFEST.json").read_text())["omitted"] == r.omitted
+
+
 # ----------------------------------------------------------------------------- verification
 
 
