@@ -38,6 +38,7 @@ for METHOD in twin-splat splatfacto; do
   t1=$(date +%s.%N)
   kill $SMI
   peak=$(sort -n "$RESULTS/$METHOD.mem" | tail -1)
-  echo "$METHOD train_wall_s $(echo "$t1 - $t0" | bc) iterations $ITERS peak_gpu_mem_mib $peak" | tee -a "$RESULTS/summary.txt"
+  wall=$(python3 -c "print(round($t1 - $t0, 1))")
+  echo "$METHOD train_wall_s $wall iterations $ITERS peak_gpu_mem_mib $peak" | tee -a "$RESULTS/summary.txt"
 done
 python3 benchmarks/train_gpu_eval.py "$RUNS/ring24" "$RESULTS" | tee -a "$RESULTS/summary.txt"
