@@ -48,6 +48,26 @@ def fsync_dir(path: Path | str) -> None:
         os.close(fd)
 
 
+def link_or_copy(src: Path | str, dst: Path | str) -> None:
+    """Put ``src`` at ``dst`` as a hard link (a copy across file systems); the source is never rewritten.
+
+    The parent folder is created; a ``dst`` of the same size is taken to be
+    the same file already placed there (re-runs), any other is replaced.
+    """
+    import shutil
+
+    src, dst = Path(src), Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.exists():
+        if dst.stat().st_size == src.stat().st_size:
+            return
+        dst.unlink()
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 def sha256_file(path: Path | str) -> str:
     """sha256 (hex) of a file, streamed in 1 MiB chunks."""
     h = hashlib.sha256()

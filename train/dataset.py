@@ -24,8 +24,6 @@ copied) from the take, never rewritten.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -35,8 +33,9 @@ import numpy as np
 
 from reconstruct.inputs import GroundTruth, find_take, read_cameras, take_images
 from rigs.errors import TwinstudioError
-from rigs.fileio import atomic_write_bytes, atomic_write_json
+from rigs.fileio import atomic_write_bytes, atomic_write_json, link_or_copy
 from rigs.geometry import Camera, opencv_to_nerfstudio_c2w
+from rigs.pngio import encode_png
 
 DATASET_SCHEMA = "twinstudio.nerfstudio-dataset"
 DATASET_VERSION = 1
@@ -183,7 +182,7 @@ def export_dataset(root: Path | str, out_dir: Path | str | None = None, options:
         c = cameras[cam]
         image_rel = f"images/{name}{img.suffix.lower()}"
         mask_rel = f"masks/{name}.png"
-        _link_or_copy(img, out / image_rel)
+        link_or_copy(img, out / image_rel)
         m = cv2.imread(str(mask), cv2.IMREAD_GRAYSCALE)
         if m is None:
             raise TrainError(f"{mask}: unreadable mask", path=str(mask), camera=cam)
@@ -295,24 +294,8 @@ def _volume(root: Path) -> dict | None:
     return {"center": [v.center[0], v.center[1]], "radius": v.radius, "height": v.height}
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
-    if dst.exists():
-        if dst.stat().st_size == src.stat().st_size:
-            return
-        dst.unlink()
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-
-
 def _write_png(path: Path, img: np.ndarray) -> None:
-    import cv2
-
-    ok, buf = cv2.imencode(".png", img)
-    if not ok:
-        raise TrainError(f"{path}: PNG encoding failed", path=str(path))
-    atomic_write_bytes(path, buf.tobytes(), fsync=False)
+    atomic_write_bytes(path, encode_png(img), fsync=False)
 
 
 def _write_downscaled(out: Path, name: str, suffix: str, img_path: Path, mask: np.ndarray,

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from rigs.fileio import atomic_write_bytes, atomic_write_json
+from rigs.pngio import encode_png
 
 
 def evaluate_pipeline(pipeline, run_dir: Path | str, *, side_by_side: int = 4,
@@ -79,8 +80,7 @@ def _write_side_by_side(path: Path, img, row: dict) -> str:
     """``img`` is [H, 3W, 3] in [0, 1] (ground truth | render | error); labels are drawn on top."""
     import cv2
 
-    a = (img.detach().cpu().numpy().clip(0, 1) * 255).round().astype(np.uint8)
-    a = np.ascontiguousarray(a[..., ::-1])
+    a = np.ascontiguousarray((img.detach().cpu().numpy().clip(0, 1) * 255).round().astype(np.uint8))  # RGB
     h, w3 = a.shape[:2]
     if h < 240:  # small previews: enlarge so the labels stay legible
         s = int(math.ceil(240 / h))
@@ -93,9 +93,7 @@ def _write_side_by_side(path: Path, img, row: dict) -> str:
         cv2.putText(a, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), max(int(4 * scale), 2), cv2.LINE_AA)
         cv2.putText(a, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), max(int(2 * scale), 1),
                     cv2.LINE_AA)
-    ok, buf = cv2.imencode(".png", a)
-    if ok:
-        atomic_write_bytes(path, buf.tobytes(), fsync=False)
+    atomic_write_bytes(path, encode_png(a), fsync=False)
     return path.name
 
 
@@ -131,8 +129,6 @@ def load_run(run_dir: Path | str, device: str = "auto"):
 def reevaluate_run(run_dir: Path | str, *, device: str = "auto", exports: bool = False,
                    on_event: Callable[[dict], None] | None = None) -> dict:
     """Evaluate a run again from its checkpoint and update its ``metrics.json``; returns the metrics."""
-    import json
-
     from train.dataset import read_dataset
     from train.runner import read_metrics
 
@@ -146,7 +142,7 @@ def reevaluate_run(run_dir: Path | str, *, device: str = "auto", exports: bool =
         cams = pipeline.datamanager.eval_dataset.cameras
         metrics["exports"] = export_run(pipeline.model, run_dir, read_dataset(cfg.data),
                                         check_camera=cams[0:1] if len(cams) else None, on_event=on_event)
-    atomic_write_json(run_dir / "metrics.json", json.loads(json.dumps(metrics)))
+    atomic_write_json(run_dir / "metrics.json", metrics)
     return metrics
 
 

@@ -26,7 +26,7 @@ import resource
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -288,8 +288,7 @@ def run_training(root: Path | str, options: TrainOptions = TrainOptions(), *,
         "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if device == "cuda" else None,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "dataset": str(ds.resolve()), "consent": consent,
-        "options": {k: v for k, v in asdict(replace(options)).items() if k != "model_overrides"}
-                   | {"model_overrides": options.model_overrides},
+        "options": asdict(options),
         "history": hist[:: max(len(hist) // 50, 1)],
     }
     if options.evaluate:

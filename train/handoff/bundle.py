@@ -32,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from rigs.fileio import atomic_write_bytes, atomic_write_json
+from rigs.fileio import atomic_write_bytes, atomic_write_json, link_or_copy
 from train.handoff.integrity import (MANIFEST, SIGNATURE, BundleError, hash_tree, key_id, load_private_key,
                                      sign_manifest, write_tar)
 
@@ -113,7 +113,7 @@ def build_bundle(session: Path | str, out: Path | str, options: BundleOptions = 
         emit({"event": "stage", "stage": "collect", "status": "running"})
         _cameras(session, ds, dataset.parent, stage / "cameras")
         _geometry(session, take, dataset.parent, stage / "geometry", omitted)
-        _link(run_dir / "splat.ply", stage / "splat" / "splat.ply")
+        link_or_copy(run_dir / "splat.ply", stage / "splat" / "splat.ply")
         _motion(session, stage / "motion", omitted)
         _previews(run_dir, stage / "previews", omitted)
         train_metrics = json.loads(metrics_path.read_text())
@@ -203,15 +203,6 @@ studio.pub` detects any change).
 """
 
 
-def _link(src: Path, dst: Path) -> None:
-    """Hard-link (or copy) a file into the bundle: the source is never rewritten."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)
-
-
 def _json_or_none(p: Path):
     return json.loads(p.read_text()) if p.is_file() else None
 
@@ -222,35 +213,35 @@ def _cameras(session: Path, ds: dict, ds_dir: Path, dst: Path) -> None:
     meta = ds["twinstudio"]
     doc["twinstudio"] = {k: meta[k] for k in ("schema", "version", "take", "holdout", "presets", "volume")
                          if k in meta} | {"downscales": []}
-    doc["frames"] = [{k: v for k, v in f.items()} for f in ds["frames"] if "time" not in f]
+    doc["frames"] = [f for f in ds["frames"] if "time" not in f]  # the stills (motion frames carry a time)
     names = {f["file_path"] for f in doc["frames"]}
     for key in ("train_filenames", "val_filenames", "test_filenames"):
         doc[key] = [n for n in doc.get(key, []) if n in names]
     for f in doc["frames"]:
-        _link(ds_dir / f["file_path"], dst / f["file_path"])
-        _link(ds_dir / f["mask_path"], dst / f["mask_path"])
+        link_or_copy(ds_dir / f["file_path"], dst / f["file_path"])
+        link_or_copy(ds_dir / f["mask_path"], dst / f["mask_path"])
     if (ds_dir / "sparse_pc.ply").is_file():
-        _link(ds_dir / "sparse_pc.ply", dst / "sparse_pc.ply")
+        link_or_copy(ds_dir / "sparse_pc.ply", dst / "sparse_pc.ply")
     else:
         doc.pop("ply_file_path", None)
     atomic_write_json(dst / "transforms.json", doc)
-    _link(session / "recon" / "cameras.json", dst / "cameras.json")
+    link_or_copy(session / "recon" / "cameras.json", dst / "cameras.json")
     colmap = session / "recon" / "colmap"
     for p in sorted(colmap.glob("*.txt")) if colmap.is_dir() else []:
-        _link(p, dst / "colmap" / p.name)
+        link_or_copy(p, dst / "colmap" / p.name)
 
 
 def _geometry(session: Path, take: str, ds_dir: Path, dst: Path, omitted: dict) -> None:
     mesh_dir = session / "recon" / "mesh" / take
     for name in ("mesh.glb", "mesh.ply"):
         if (mesh_dir / name).is_file():
-            _link(mesh_dir / name, dst / name)
+            link_or_copy(mesh_dir / name, dst / name)
         else:
             omitted[f"geometry/{name}"] = f"no {mesh_dir / name}"
     if (mesh_dir / "mesh.json").is_file():
-        _link(mesh_dir / "mesh.json", dst / "mesh.json")
+        link_or_copy(mesh_dir / "mesh.json", dst / "mesh.json")
     if (ds_dir / "sparse_pc.ply").is_file():
-        _link(ds_dir / "sparse_pc.ply", dst / "points.ply")
+        link_or_copy(ds_dir / "sparse_pc.ply", dst / "points.ply")
     else:
         omitted["geometry/points.ply"] = "the dataset has no point cloud"
 
@@ -263,19 +254,19 @@ def _motion(session: Path, dst: Path, omitted: dict) -> None:
     src = takes[-1].parent
     for p in sorted(src.iterdir()):
         if p.is_file():
-            _link(p, dst / p.name)
+            link_or_copy(p, dst / p.name)
 
 
 def _previews(run_dir: Path, dst: Path, omitted: dict) -> None:
     pv = run_dir / "previews"
     if (pv / "turntable.mp4").is_file():
-        _link(pv / "turntable.mp4", dst / "turntable.mp4")
+        link_or_copy(pv / "turntable.mp4", dst / "turntable.mp4")
         for p in sorted((pv / "turntable").glob("*.png")):
-            _link(p, dst / "turntable" / p.name)
+            link_or_copy(p, dst / "turntable" / p.name)
     else:
         omitted["previews/turntable"] = f"no {pv / 'turntable.mp4'}"
     for p in sorted((run_dir / "eval").glob("*.png")):
-        _link(p, dst / "evaluation" / p.name)
+        link_or_copy(p, dst / "evaluation" / p.name)
 
 
 def _provenance(session: Path, m, ds: dict, train_metrics: dict, recon: dict | None, run: str) -> dict:
