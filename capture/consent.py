@@ -69,7 +69,8 @@ class ConsentRecord(BaseModel):
     def problem(self, scope: str, on: dt.date) -> str | None:
         """Why this record does not allow ``scope`` on day ``on``, or None when it does."""
         if self.revoked_at is not None:
-            return f"consent {self.consent_id} was revoked on {self.revoked_at.date()}"
+            return (f"consent {self.consent_id} was revoked on {self.revoked_at.date()}"
+                    + (f": {self.revocation_reason}" if self.revocation_reason else ""))
         if scope not in self.scopes:
             return f"consent {self.consent_id} does not cover {scope!r} (scopes: {', '.join(self.scopes)})"
         if on < self.valid_from:

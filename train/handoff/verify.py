@@ -43,26 +43,27 @@ class VerifyResult:
 
 
 def consent_problems(manifest: dict, today: dt.date, revoked: dict[str, dict]) -> list[str]:
-    """Why the bundle's consent does not allow use today (empty when it does)."""
-    c = manifest.get("consent") or {}
-    cid = c.get("consent_id", "?")
-    problems = []
+    """Why the bundle's consent does not allow sharing today (empty when it does).
+
+    The manifest's terms become a :class:`capture.consent.ConsentRecord`, revoked
+    when the revocation list names it, so a bundle is judged by the same rule
+    as the session it came from.
+    """
+    from pydantic import ValidationError
+
+    from capture.consent import ConsentRecord
+
+    c = dict(manifest.get("consent") or {})
+    r = revoked.get(c.get("consent_id", ""))
     try:
-        start = dt.date.fromisoformat(c["valid_from"])
-        until = dt.date.fromisoformat(c["valid_until"])
-    except (KeyError, TypeError, ValueError):
-        return [f"the manifest's consent {cid} has no valid_from/valid_until dates"]
-    if today < start:
-        problems.append(f"consent {cid} is in force only from {start} (today is {today})")
-    if today > until:
-        problems.append(f"consent {cid} expired on {until} (today is {today})")
-    if "share" not in (c.get("scopes") or []):
-        problems.append(f"consent {cid} does not cover 'share' (scopes: {', '.join(c.get('scopes') or [])})")
-    if cid in revoked:
-        r = revoked[cid]
-        problems.append(f"consent {cid} was revoked on {str(r.get('revoked_at', '?'))[:10]}"
-                        + (f": {r['reason']}" if r.get("reason") else ""))
-    return problems
+        rec = ConsentRecord.model_validate({**c, "subject_id": (manifest.get("subject") or {}).get("id"),
+                                            "revoked_at": r.get("revoked_at") if r else None,
+                                            "revocation_reason": r.get("reason") if r else None})
+    except ValidationError as e:
+        return [f"the manifest's consent {c.get('consent_id', '?')} is not a valid consent record: "
+                f"{e.errors()[0]['loc']}: {e.errors()[0]['msg']}"]
+    problem = rec.problem("share", today)
+    return [problem] if problem else []
 
 
 def verify_bundle(bundle: Path | str, *, pubkey: Path | str | None = None, revocations: Path | str | None = None,
