@@ -59,15 +59,10 @@ def render_splat(params: SplatParams, viewmat: np.ndarray, K: np.ndarray, width:
               opacities=torch.sigmoid(t(params.opacity_logits)), colors=colors, viewmats=t(viewmat)[None],
               Ks=t(K)[None], width=int(width), height=int(height), sh_degree=params.sh_degree,
               backgrounds=t(background)[None])
+    from train.raster import rasterize_on_device
+
     with torch.no_grad():
-        if dev.type == "cuda":
-            from gsplat.rendering import rasterization
-
-            render, _, _ = rasterization(**kw)
-        else:
-            from train.raster import rasterize
-
-            render, _, _ = rasterize(**kw)
+        render, _, _ = rasterize_on_device(**kw)
     return render[0, ..., :3].clamp(0, 1).cpu().numpy()
 
 
@@ -90,7 +85,7 @@ def check_ply_against_model(model, params: SplatParams, camera, lighting: int) -
     """Re-render the PLY's Gaussians from ``camera`` and compare with the model's render (PSNR, max error)."""
     from rigs.geometry import nerfstudio_c2w_to_opencv
 
-    cam = camera
+    cam = camera[0:1]  # a copy: its lighting is set below
     if cam.metadata is not None and "lighting" in cam.metadata:
         md = dict(cam.metadata)
         md["lighting"] = md["lighting"].clone().fill_(lighting)

@@ -302,18 +302,13 @@ class TwinSplatModel(SplatfactoModel):
                       opacities=torch.sigmoid(self.opacities).squeeze(-1), colors=colors, viewmats=viewmat,
                       Ks=K, width=W, height=H, near_plane=0.01, far_plane=1e10, render_mode=render_mode,
                       sh_degree=sh_degree)
-        if self.device.type == "cuda":
-            from gsplat.rendering import rasterization
+        if self.device.type != "cuda" and self.strategy.absgrad and self.training:
+            raise TrainError("the CPU rasteriser gives plain gradients: train with use_absgrad=False on CPU")
+        from train.raster import rasterize_on_device
 
-            render, alpha, self.info = rasterization(**common, packed=False, sparse_grad=False,
-                                                     absgrad=self.strategy.absgrad,
-                                                     rasterize_mode=self.config.rasterize_mode)
-        else:
-            if self.strategy.absgrad and self.training:
-                raise TrainError("the CPU rasteriser gives plain gradients: train with use_absgrad=False on CPU")
-            from train.raster import rasterize
-
-            render, alpha, self.info = rasterize(**common)
+        render, alpha, self.info = rasterize_on_device(
+            **common, gsplat_options=dict(packed=False, sparse_grad=False, absgrad=self.strategy.absgrad,
+                                          rasterize_mode=self.config.rasterize_mode))
         if self.training:
             self.strategy.step_pre_backward(self.gauss_params, self.optimizers, self.strategy_state,
                                             self.step, self.info)

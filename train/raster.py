@@ -396,3 +396,16 @@ def _composite(
     if backgrounds is not None:
         render = render + (1.0 - alpha_img) * backgrounds[:, None, None, :]
     return render, alpha_img
+
+
+def rasterize_on_device(*, gsplat_options: dict | None = None, **kwargs):
+    """gsplat's CUDA ``rasterization`` when the Gaussians are on a GPU, :func:`rasterize` on the CPU.
+
+    ``kwargs`` are the arguments both take; ``gsplat_options`` (packed, absgrad,
+    rasterize_mode, ...) go to gsplat only. Returns ``(render, alpha, info)``.
+    """
+    if kwargs["means"].is_cuda:
+        from gsplat.rendering import rasterization
+
+        return rasterization(**kwargs, **(gsplat_options or {}))
+    return rasterize(**kwargs)
