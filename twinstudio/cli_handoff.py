@@ -21,9 +21,9 @@ def _console():
 
 
 def _key_dir(d: Path | None) -> Path:
-    from capture.consent import studio_home
+    from train.handoff.bundle import default_key_path
 
-    return d if d is not None else studio_home() / "keys"
+    return d if d is not None else default_key_path().parent
 
 
 @keys_app.command("init")
@@ -103,9 +103,17 @@ def verify_cmd(
 
     Exit codes: 0 valid, 3 tampered, 4 consent not in force (expired or revoked), 2 unusable input.
     """
-    from train.handoff.verify import VALID, verify_bundle
+    from train.handoff.verify import verify_bundle
 
     r = verify_bundle(bundle, pubkey=pubkey, revocations=revocations)
+    print_verify_result(r, bundle)
+    raise typer.Exit(r.exit_code)
+
+
+def print_verify_result(r, bundle: Path) -> None:
+    """What verify found: the verdict, each problem, the signer, the revocation list, the summary."""
+    from train.handoff.verify import VALID
+
     con = _console()
     rep = r.integrity
     colour = "green" if r.exit_code == VALID else "red"
@@ -121,4 +129,3 @@ def verify_cmd(
     con.print(f"  revocation list: {r.revocations_checked or 'none found'}", highlight=False)
     if r.exit_code == VALID and rep.manifest:
         print_bundle_summary(rep.manifest, bundle, rep.files + 2, rep.bytes, rep.key_id, r.status)
-    raise typer.Exit(r.exit_code)

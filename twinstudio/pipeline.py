@@ -116,7 +116,7 @@ def _bundle(session: Path, out: Path, plain: bool, console: Console) -> None:
     from train.handoff.bundle import BundleOptions, build_bundle
     from train.handoff.integrity import init_keys
     from train.handoff.verify import verify_bundle
-    from twinstudio.cli_handoff import print_bundle_summary
+    from twinstudio.cli_handoff import print_verify_result
     from twinstudio.cli_train import TrainDashboard
 
     console.rule("handoff bundle")
@@ -130,13 +130,7 @@ def _bundle(session: Path, out: Path, plain: bool, console: Console) -> None:
         console.print(f"an earlier demo bundle was moved to {aside}")
     with TrainDashboard(plain, "bundling") as on_event:
         r = build_bundle(session, target, BundleOptions(key=keys / "studio.key"), on_event=on_event)
-    v = verify_bundle(target, pubkey=keys / "studio.pub")
-    rep = v.integrity
-    colour = "green" if v.exit_code == 0 else "red"
-    console.print(f"[bold {colour}]twinstudio verify: {v.status}[/] ({rep.files} files, {rep.bytes / 2**20:.1f} MiB "
-                  f"hashed in {rep.seconds:.1f} s; signed by the trusted key {rep.key_id})", highlight=False)
-    for p in [*rep.problems, *v.consent_problems]:
-        console.print(f"  [red]{p}[/]", highlight=False)
-    print_bundle_summary(r.manifest, target, r.files, r.bytes, r.key_id, v.status)
+    console.print(f"bundled {r.files} files ({r.bytes / 2**20:.1f} MiB) in {r.seconds:.1f} s; twinstudio verify:")
+    print_verify_result(verify_bundle(target, pubkey=keys / "studio.pub"), target)
     console.print(f"  public key for render teams: {keys / 'studio.pub'}; check with "
                   f"'twinstudio verify {target} --pubkey {keys / 'studio.pub'}'", highlight=False)
