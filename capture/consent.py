@@ -20,7 +20,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from rigs.errors import TwinstudioError
+from rigs.errors import EXIT_CONSENT, EXIT_INPUT, TwinstudioError
 from rigs.fileio import atomic_write_json
 
 CONSENT_SCHEMA = "twinstudio.consent"
@@ -31,9 +31,15 @@ SCOPES: tuple[str, ...] = ("capture", "train", "generate", "share")
 
 
 class ConsentError(TwinstudioError):
-    """No consent record in force covers what was asked (exit code 2)."""
+    """No consent record in force covers what was asked (exit code 4)."""
 
-    exit_code = 2
+    exit_code = EXIT_CONSENT
+
+
+class ConsentInputError(ConsentError):
+    """A consent file or record cannot be used, or a record does not belong here (exit code 2)."""
+
+    exit_code = EXIT_INPUT
 
 
 class ConsentRecord(BaseModel):
@@ -96,9 +102,9 @@ def load_consents(session_dir: Path | str) -> list[ConsentRecord]:
     try:
         f = ConsentFile.model_validate(json.loads(path.read_text()))
     except (ValueError, ValidationError) as e:
-        raise ConsentError(f"{path}: not a valid consent file: {e}", path=str(path)) from e
+        raise ConsentInputError(f"{path}: not a valid consent file: {e}", path=str(path)) from e
     if f.schema_ != CONSENT_SCHEMA or f.version != CONSENT_VERSION:
-        raise ConsentError(f"{path}: schema {f.schema_}/{f.version} is not {CONSENT_SCHEMA}/{CONSENT_VERSION}")
+        raise ConsentInputError(f"{path}: schema {f.schema_}/{f.version} is not {CONSENT_SCHEMA}/{CONSENT_VERSION}")
     return f.records
 
 
@@ -107,12 +113,35 @@ def _save(session_dir: Path, records: list[ConsentRecord]) -> None:
     atomic_write_json(Path(session_dir) / CONSENT_FILE, doc)
 
 
+def session_subject(session_dir: Path | str) -> str | None:
+    """The subject a session was started for (from ``session.json``), or None when the folder is no session."""
+    p = Path(session_dir) / "session.json"
+    if not p.is_file():
+        return None
+    try:
+        subject = json.loads(p.read_text()).get("subject_id")
+    except (OSError, ValueError, RecursionError, AttributeError) as e:
+        raise ConsentInputError(f"{p}: cannot read the session's subject: {e}", path=str(p)) from e
+    if not isinstance(subject, str) or not subject:
+        raise ConsentInputError(f"{p}: names no subject_id", path=str(p))
+    return subject
+
+
 def add_consent(session_dir: Path | str, record: ConsentRecord) -> ConsentRecord:
-    """Append a consent record to the session (the folder is created if needed)."""
+    """Append a consent record to the session (the folder is created if needed).
+
+    A record belongs to one person: it is refused when the session was
+    started for another subject, or already holds consent of another subject.
+    """
     session_dir = Path(session_dir)
+    subject = session_subject(session_dir)
+    if subject is not None and record.subject_id != subject:
+        raise ConsentInputError(f"session {session_dir} is for subject {subject!r}; a consent record of "
+                           f"{record.subject_id!r} cannot be added to it", subject=record.subject_id,
+                           session_subject=subject)
     records = load_consents(session_dir)
     if any(r.subject_id != record.subject_id for r in records):
-        raise ConsentError(f"session {session_dir} holds consent for subject {records[0].subject_id!r}, "
+        raise ConsentInputError(f"session {session_dir} holds consent for subject {records[0].subject_id!r}, "
                            f"not {record.subject_id!r}", subject=record.subject_id)
     session_dir.mkdir(parents=True, exist_ok=True)
     _save(session_dir, [*records, record])
@@ -131,7 +160,7 @@ def revoke_consent(session_dir: Path | str, reason: str, consent_id: str | None 
     when = when or dt.datetime.now(dt.timezone.utc)
     hit = [r for r in records if r.revoked_at is None and (consent_id is None or r.consent_id == consent_id)]
     if not hit:
-        raise ConsentError(f"no consent in force to revoke in {session_dir}"
+        raise ConsentInputError(f"no consent in force to revoke in {session_dir}"
                            + (f" with id {consent_id}" if consent_id else ""))
     for r in hit:
         r.revoked_at = when
@@ -184,22 +213,55 @@ def record_revocations(records: list[ConsentRecord], path: Path | str | None = N
     return p
 
 
-def require_consent(session_dir: Path | str, scope: str, on: dt.date | None = None) -> ConsentRecord:
-    """The record that allows ``scope`` today (or on ``on``); raises ConsentError saying why not."""
+def require_consent(session_dir: Path | str, scope: str, on: dt.date | None = None,
+                    subject: str | None = None) -> ConsentRecord:
+    """The record that allows ``scope`` today (or on ``on``); raises ConsentError saying why not.
+
+    Only records of the session's subject count (``subject``, default the
+    subject named in ``session.json``): a record of anybody else is listed
+    as a problem, never used.
+    """
     if scope not in SCOPES:
         raise ValueError(f"unknown consent scope {scope!r}")
     on = on or dt.date.today()
+    subject = subject or session_subject(session_dir)
     records = load_consents(session_dir)
     if not records:
         raise ConsentError(f"no consent recorded for session {session_dir}: record it first with "
                            f"'twinstudio consent add --session {session_dir} ...'", scope=scope)
     problems = []
     for r in records:
-        p = r.problem(scope, on)
+        p = (f"consent {r.consent_id} is for subject {r.subject_id!r}, not this session's {subject!r}"
+             if subject is not None and r.subject_id != subject else r.problem(scope, on))
         if p is None:
             return r
         problems.append(p)
     raise ConsentError(f"no consent in force covers {scope!r} on {on}: " + "; ".join(problems), scope=scope)
+
+
+def is_virtual_render(root: Path | str) -> bool:
+    """Whether ``root`` is a virtual-studio render folder (a synthetic person, no consent to check)."""
+    r = Path(root)
+    return (not (r / "session.json").exists() and (r / "render.json").is_file()
+            and (r / "gt" / "cameras.json").is_file())
+
+
+def require_session_consent(root: Path | str, scope: str, *, photos_ok: bool = False) -> ConsentRecord | None:
+    """The gate of every command that reads or writes a subject's imagery.
+
+    For a capture session: the record of the session's subject that allows
+    ``scope`` today (ConsentError saying why when none does). For a virtual
+    render folder (a synthetic person): None. For any other folder: None when
+    ``photos_ok`` (a folder of photos that names no subject, e.g. for SfM),
+    else ConsentInputError (exit 2), since no consent can be checked.
+    """
+    root = Path(root)
+    if (root / "session.json").is_file():
+        return require_consent(root, scope)
+    if is_virtual_render(root) or photos_ok:
+        return None
+    raise ConsentInputError(f"{root}: not a capture session (no session.json), so no consent can be checked for "
+                       f"{scope!r}", path=str(root), scope=scope)
 
 
 def sha256_of_document(path: Path | str) -> str:
@@ -208,5 +270,5 @@ def sha256_of_document(path: Path | str) -> str:
 
     p = Path(path)
     if not p.is_file():
-        raise ConsentError(f"consent document {p} does not exist", path=str(p))
+        raise ConsentInputError(f"consent document {p} does not exist", path=str(p))
     return sha256_file(p)

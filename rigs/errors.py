@@ -9,6 +9,18 @@ from __future__ import annotations
 from pathlib import Path
 
 
+#: exit codes of the ``twinstudio`` command (the README's table); each error class carries its own
+EXIT_OK = 0
+EXIT_ERROR = 1            # an unexpected error (a bug): the traceback is printed
+EXIT_INPUT = 2            # unusable input or a refused request: bad file, session locked, corrupt journal, ...
+EXIT_TAMPERED = 3         # verify: the bundle is not what was signed
+EXIT_CONSENT = 4          # no consent in force covers what was asked (expired, revoked, scope, subject)
+EXIT_UNTRUSTED = 5        # verify: intact, but signed by a key that is not trusted
+EXIT_REVOCATION = 6       # verify: intact and trusted, but the revocation status is unknown or stale
+EXIT_STAGE_FAILED = 7     # a stage that was asked for produced nothing (the report says why)
+EXIT_INTERRUPTED = 130    # Ctrl-C
+
+
 class TwinstudioError(Exception):
     """Base of every error twinstudio raises on purpose."""
 

@@ -33,7 +33,7 @@ import numpy as np
 
 from reconstruct.inputs import GroundTruth, find_take, read_cameras, take_images
 from rigs.errors import TwinstudioError
-from rigs.fileio import atomic_write_bytes, atomic_write_json, link_or_copy
+from rigs.fileio import atomic_write_bytes, atomic_write_json, copy_file
 from rigs.geometry import Camera, opencv_to_nerfstudio_c2w
 from rigs.pngio import encode_png
 
@@ -182,7 +182,7 @@ def export_dataset(root: Path | str, out_dir: Path | str | None = None, options:
         c = cameras[cam]
         image_rel = f"images/{name}{img.suffix.lower()}"
         mask_rel = f"masks/{name}.png"
-        link_or_copy(img, out / image_rel)
+        copy_file(img, out / image_rel)
         m = cv2.imread(str(mask), cv2.IMREAD_GRAYSCALE)
         if m is None:
             raise TrainError(f"{mask}: unreadable mask", path=str(mask), camera=cam)

@@ -13,6 +13,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from rigs.errors import TwinstudioError
@@ -232,8 +233,12 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(rv, int):  # typer.Exit(code) without standalone mode comes back as the return value
             return rv
     except TwinstudioError as e:
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False)
+        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
         return e.exit_code
+    except RecursionError:  # a file nested thousands of levels deep that no reader names
+        err_console.print("[bold red]error:[/] input nested too deeply to read (a JSON or TOML file with "
+                          "thousands of nested levels)", highlight=False)
+        return 2
     except KeyboardInterrupt:
         err_console.print("[bold red]interrupted[/]")
         return 130

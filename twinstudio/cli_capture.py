@@ -43,7 +43,7 @@ def consent_add(
     """Record the subject's consent for this session."""
     from pydantic import ValidationError
 
-    from capture.consent import ConsentError, ConsentRecord, add_consent, sha256_of_document
+    from capture.consent import ConsentInputError, ConsentRecord, add_consent, sha256_of_document
 
     if (document is None) == (document_sha256 is None):
         raise typer.BadParameter("give exactly one of --document or --document-sha256", param_hint="--document")
@@ -54,7 +54,7 @@ def consent_add(
                             compensation_ref=compensation, document_sha256=sha)
     except ValidationError as e:
         err = e.errors()[0]
-        raise ConsentError(f"invalid consent: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+        raise ConsentInputError(f"invalid consent: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
     add_consent(session, rec)
     _console().print(f"[green]recorded[/] consent {rec.consent_id} for {rec.subject_id}: "
                      f"{', '.join(rec.scopes)} until {rec.valid_until}")

@@ -31,7 +31,7 @@ def test_not_in_force(tmp_path, kw, scope, on, phrase):
     add_consent(tmp_path, consent(**kw))
     with pytest.raises(ConsentError, match=phrase) as e:
         require_consent(tmp_path, scope, on)
-    assert e.value.exit_code == 2
+    assert e.value.exit_code == 4
 
 
 def test_missing_consent_says_how_to_record_it(tmp_path):

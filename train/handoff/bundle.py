@@ -32,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from rigs.fileio import atomic_write_bytes, atomic_write_json, link_or_copy
+from rigs.fileio import atomic_write_bytes, atomic_write_json, copy_file
 from train.handoff.integrity import (MANIFEST, SIGNATURE, BundleError, hash_tree, key_id, load_private_key,
                                      sign_manifest, write_tar)
 
@@ -113,7 +113,7 @@ def build_bundle(session: Path | str, out: Path | str, options: BundleOptions = 
         emit({"event": "stage", "stage": "collect", "status": "running"})
         _cameras(session, ds, dataset.parent, stage / "cameras")
         _geometry(session, take, dataset.parent, stage / "geometry", omitted)
-        link_or_copy(run_dir / "splat.ply", stage / "splat" / "splat.ply")
+        copy_file(run_dir / "splat.ply", stage / "splat" / "splat.ply")
         _motion(session, stage / "motion", omitted)
         _previews(run_dir, stage / "previews", omitted)
         train_metrics = json.loads(metrics_path.read_text())
@@ -218,30 +218,30 @@ def _cameras(session: Path, ds: dict, ds_dir: Path, dst: Path) -> None:
     for key in ("train_filenames", "val_filenames", "test_filenames"):
         doc[key] = [n for n in doc.get(key, []) if n in names]
     for f in doc["frames"]:
-        link_or_copy(ds_dir / f["file_path"], dst / f["file_path"])
-        link_or_copy(ds_dir / f["mask_path"], dst / f["mask_path"])
+        copy_file(ds_dir / f["file_path"], dst / f["file_path"])
+        copy_file(ds_dir / f["mask_path"], dst / f["mask_path"])
     if (ds_dir / "sparse_pc.ply").is_file():
-        link_or_copy(ds_dir / "sparse_pc.ply", dst / "sparse_pc.ply")
+        copy_file(ds_dir / "sparse_pc.ply", dst / "sparse_pc.ply")
     else:
         doc.pop("ply_file_path", None)
     atomic_write_json(dst / "transforms.json", doc)
-    link_or_copy(session / "recon" / "cameras.json", dst / "cameras.json")
+    copy_file(session / "recon" / "cameras.json", dst / "cameras.json")
     colmap = session / "recon" / "colmap"
     for p in sorted(colmap.glob("*.txt")) if colmap.is_dir() else []:
-        link_or_copy(p, dst / "colmap" / p.name)
+        copy_file(p, dst / "colmap" / p.name)
 
 
 def _geometry(session: Path, take: str, ds_dir: Path, dst: Path, omitted: dict) -> None:
     mesh_dir = session / "recon" / "mesh" / take
     for name in ("mesh.glb", "mesh.ply"):
         if (mesh_dir / name).is_file():
-            link_or_copy(mesh_dir / name, dst / name)
+            copy_file(mesh_dir / name, dst / name)
         else:
             omitted[f"geometry/{name}"] = f"no {mesh_dir / name}"
     if (mesh_dir / "mesh.json").is_file():
-        link_or_copy(mesh_dir / "mesh.json", dst / "mesh.json")
+        copy_file(mesh_dir / "mesh.json", dst / "mesh.json")
     if (ds_dir / "sparse_pc.ply").is_file():
-        link_or_copy(ds_dir / "sparse_pc.ply", dst / "points.ply")
+        copy_file(ds_dir / "sparse_pc.ply", dst / "points.ply")
     else:
         omitted["geometry/points.ply"] = "the dataset has no point cloud"
 
@@ -254,19 +254,19 @@ def _motion(session: Path, dst: Path, omitted: dict) -> None:
     src = takes[-1].parent
     for p in sorted(src.iterdir()):
         if p.is_file():
-            link_or_copy(p, dst / p.name)
+            copy_file(p, dst / p.name)
 
 
 def _previews(run_dir: Path, dst: Path, omitted: dict) -> None:
     pv = run_dir / "previews"
     if (pv / "turntable.mp4").is_file():
-        link_or_copy(pv / "turntable.mp4", dst / "turntable.mp4")
+        copy_file(pv / "turntable.mp4", dst / "turntable.mp4")
         for p in sorted((pv / "turntable").glob("*.png")):
-            link_or_copy(p, dst / "turntable" / p.name)
+            copy_file(p, dst / "turntable" / p.name)
     else:
         omitted["previews/turntable"] = f"no {pv / 'turntable.mp4'}"
     for p in sorted((run_dir / "eval").glob("*.png")):
-        link_or_copy(p, dst / "evaluation" / p.name)
+        copy_file(p, dst / "evaluation" / p.name)
 
 
 def _provenance(session: Path, m, ds: dict, train_metrics: dict, recon: dict | None, run: str) -> dict:
