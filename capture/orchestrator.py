@@ -11,6 +11,7 @@ other cameras' frames are kept; ``reshoot`` fires only the missing ones.
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import selectors
 import shutil
 import time
@@ -105,7 +106,8 @@ class CameraPool:
     def __enter__(self) -> CameraPool:
         for cid, spec in self.specs.items():
             parent, child = self.ctx.Pipe()
-            p = self.ctx.Process(target=camera_worker, args=(spec.model_dump_json(), self.driver_options, child),
+            p = self.ctx.Process(target=camera_worker,
+                                 args=(spec.model_dump_json(), self.driver_options, child, os.getpid()),
                                  name=f"camera-{cid}", daemon=True)
             p.start()
             child.close()
@@ -262,53 +264,69 @@ def _driver_options(session: Session, rig: Rig, kind: str, options: CaptureOptio
 
 def run_take(session: Session, kind: str, options: CaptureOptions = CaptureOptions(), *,
              on_event: EventSink | None = None) -> TakeRecord:
-    """Shoot a new take of ``kind`` ("calibration", "stills", "motion"); returns its record."""
-    rig = session.rig
-    require_consent(session.path, "capture")
-    frames = plan_frames(rig, kind, options)
-    if options.check_disk:
-        check_disk(session.path, estimate_take_bytes(rig, rig.camera_specs, len(frames)))
-    drv = _driver_options(session, rig, kind, options, on_event)
-    take_id = session.next_take_id(kind)
-    session.record([{"ev": "take_start", "take": take_id, "kind": kind,
-                     "cameras": [c.id for c in rig.camera_specs],
-                     "frames": [f.model_dump() for f in frames], "t": time.time()}])
-    return _shoot_take(session, take_id, None, drv, options, on_event)
+    """Shoot a new take of ``kind`` ("calibration", "stills", "motion"); returns its record.
+
+    Holds the session's writer lock throughout (SessionLocked when another process writes it)."""
+    with session.writing():
+        rig = session.rig
+        require_consent(session.path, "capture")
+        frames = plan_frames(rig, kind, options)
+        if options.check_disk:
+            check_disk(session.path, estimate_take_bytes(rig, rig.camera_specs, len(frames)))
+        drv = _driver_options(session, rig, kind, options, on_event)
+        take_id = session.next_take_id(kind)
+        session.record([{"ev": "take_start", "take": take_id, "kind": kind,
+                         "cameras": [c.id for c in rig.camera_specs],
+                         "frames": [f.model_dump() for f in frames], "t": time.time()}])
+        return _shoot_take(session, take_id, None, drv, options, on_event)
 
 
 def reshoot(session: Session, take_id: str, options: CaptureOptions = CaptureOptions(), *,
             on_event: EventSink | None = None) -> TakeRecord:
-    """Fire only the cameras and frames a take is missing."""
-    take = session.take(take_id)
-    require_consent(session.path, "capture")
-    missing = take.missing()
-    if not missing:
-        if on_event:
-            on_event(Message(f"{take_id} has no missing frames: nothing to reshoot"))
-        return take
-    rig = session.rig
-    if options.check_disk:
-        specs = [s for s in rig.camera_specs if s.id in {c for c, _ in missing}]
-        check_disk(session.path, estimate_take_bytes(rig, specs, len(take.frames)))
-    drv = _driver_options(session, rig, take.kind, options, on_event)
-    session.record([{"ev": "take_reopen", "take": take_id, "t": time.time()}])
-    return _shoot_take(session, take_id, set(missing), drv, options, on_event)
+    """Fire only the cameras and frames a take is missing (under the session's writer lock)."""
+    with session.writing():
+        take = session.take(take_id)
+        require_consent(session.path, "capture")
+        missing = take.missing()
+        if not missing:
+            if take.status == "open":  # e.g. its take_end was torn off by a crash: close it for real
+                _end_take(session, take_id, session.rig)
+            elif on_event:
+                on_event(Message(f"{take_id} has no missing frames: nothing to reshoot"))
+            return session.take(take_id)
+        rig = session.rig
+        if options.check_disk:
+            specs = [s for s in rig.camera_specs if s.id in {c for c, _ in missing}]
+            check_disk(session.path, estimate_take_bytes(rig, specs, len(take.frames)))
+        drv = _driver_options(session, rig, take.kind, options, on_event)
+        session.record([{"ev": "take_reopen", "take": take_id, "t": time.time()}])
+        return _shoot_take(session, take_id, set(missing), drv, options, on_event)
 
 
 def resume(session: Session, options: CaptureOptions = CaptureOptions(), *,
            on_event: EventSink | None = None) -> dict:
-    """After a crash: rebuild from journal + files, then complete the takes that were interrupted."""
-    counts = recover(session)
-    if on_event:
-        on_event(Message(f"recovered: {counts['adopted']} frame(s) adopted from disk, "
-                         f"{counts['discarded']} half-written file(s) discarded, {counts['lost']} lost"))
-    completed = []
-    for take in list(session.manifest.takes.values()):
-        if take.status == "open":
-            reshoot(session, take.id, options, on_event=on_event)
-            completed.append(take.id)
-    session.save()
-    return {**counts, "completed": completed}
+    """After a crash: rebuild from journal + files, then complete the takes that were interrupted.
+
+    A torn final journal line is cut off first (kept beside the journal, see
+    :meth:`Session.writing`); ``torn`` in the result names where it went."""
+    with session.writing():
+        counts = recover(session)
+        if on_event:
+            if session.torn_aside is not None:
+                on_event(Message(f"journal: a torn final line (the crash hit mid-write) was cut off and kept in "
+                                 f"{session.torn_aside.name}", "warning"))
+            on_event(Message(f"recovered: {counts['adopted']} frame(s) adopted from disk, "
+                             f"{counts['discarded']} half-written file(s) discarded, {counts['lost']} lost"
+                             + (f", {counts['unlisted']} in take folders the journal does not know (kept)"
+                                if counts["unlisted"] else "")))
+        completed = []
+        for take in list(session.manifest.takes.values()):
+            if take.status == "open":
+                reshoot(session, take.id, options, on_event=on_event)
+                completed.append(take.id)
+        session.save()
+        return {**counts, "completed": completed,
+                "torn": session.torn_aside.name if session.torn_aside is not None else None}
 
 
 def _shoot_take(session: Session, take_id: str, only: set[tuple[str, int]] | None, drv: DriverOptions,
@@ -367,20 +385,26 @@ def _shoot_take(session: Session, take_id: str, only: set[tuple[str, int]] | Non
                     if delay > 0:
                         time.sleep(delay)
                 done = _fire(session, pool, take, f, cams, qa, emit, done, total, gone)
-        take = session.take(take_id)
-        missing = take.missing()
-        skew = take.trigger_skew()
-        flags = take_qa_flags(missing, skew, rig.qa)
-        status = "complete" if not missing else "incomplete"
-        session.record([{"ev": "take_end", "take": take_id, "status": status, "skew_s": skew,
-                         "qa_flags": flags, "t": time.time()}])
-        session.save()
+        take, status, missing, skew = _end_take(session, take_id, rig)
     finally:
         for lt in lights:
             lt.close()
     emit(TakeFinished(take_id, status, sum(len(v) for v in take.captured.values()),
                       tuple(f"{c}/{i}" for c, i in missing), skew, time.time() - t_start))
     return session.take(take_id)
+
+
+def _end_take(session: Session, take_id: str, rig: Rig):
+    """Journal a take's end (complete or incomplete, skew, QA flags) and rewrite the manifest."""
+    take = session.take(take_id)
+    missing = take.missing()
+    skew = take.trigger_skew()
+    flags = take_qa_flags(missing, skew, rig.qa)
+    status = "complete" if not missing else "incomplete"
+    session.record([{"ev": "take_end", "take": take_id, "status": status, "skew_s": skew,
+                     "qa_flags": flags, "t": time.time()}])
+    session.save()
+    return session.take(take_id), status, missing, skew
 
 
 def _fire(session: Session, pool: CameraPool, take: TakeRecord, f: FramePlan, cams: list[str], qa,

@@ -8,19 +8,42 @@ Layout of a session folder::
     consent.json                          the subject's consent records (capture.consent)
     takes/<take>/<camera>/<frame:06d>.<ext>   captured files, written once (temp, fsync, rename) and hashed
 
+    session.lock                          the writer lock (holder's pid, host, command)
+
 The journal is the source of truth: ``session.json`` is rewritten from it at
 the end of every take and by ``resume``; after a crash, :func:`recover`
 rebuilds the manifest from the journal and the files, discards half-written
 files and adopts complete files the journal had not yet recorded.
+
+Every journal line carries its own checksum (``"crc"``, CRC-32 of the line
+without it), so a line torn by a power cut is told from a complete one. A torn
+or garbled *final* line is what a crash mid-append leaves: readers ignore it,
+and the next writer cuts it off (keeping its bytes in
+``journal.jsonl.torn-<time>``) before appending. A bad line anywhere else is
+damage no crash explains: opening the session fails naming the file and line,
+and :func:`repair_journal` (``twinstudio capture repair``) cuts the journal
+there after a backup.
+
+One process writes a session at a time: :meth:`Session.writing` holds an OS
+lock on ``session.lock`` (a POSIX record lock, released by the kernel when
+the holder dies, never inherited by its worker processes); a second writer
+gets :class:`SessionLocked` naming the holder. Readers take no lock.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import json
 import os
 import re
 import shutil
+import socket
+import sys
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +55,9 @@ from rigs.rigfile import Rig, load_rig, resolve_rig_path
 
 SESSION_SCHEMA = "twinstudio.session"
 SESSION_VERSION = 1
+#: journal format: 2 = every line carries a CRC-32 (``"crc"``); 1 = plain JSON lines (older sessions)
+JOURNAL_FORMAT = 2
+LOCK_FILE = "session.lock"
 TAKE_PREFIX = {"calibration": "calib", "stills": "stills", "motion": "motion"}
 _FRAME_NAME = re.compile(r"^(\d{6})\.[a-z0-9]+$")
 
@@ -40,6 +66,14 @@ class SessionError(TwinstudioError):
     """The session folder is missing, damaged or used wrongly (exit code 2)."""
 
     exit_code = 2
+
+
+class SessionLocked(SessionError):
+    """Another process is writing the session: names it (pid, host, command, since when)."""
+
+
+class JournalCorrupt(SessionError):
+    """A journal line other than the last is damaged: names the file and the line."""
 
 
 class FrameRecord(BaseModel):
@@ -106,8 +140,49 @@ class SessionManifest(BaseModel):
     settings: dict[str, dict[str, str]] = Field(default_factory=dict)  # camera -> last read-back
 
 
+_CRC_SUFFIX = re.compile(rb',"crc":"([0-9a-f]{8})"\}$')
+
+
+def _encode_line(event: dict) -> bytes:
+    body = json.dumps(event, separators=(",", ":"), allow_nan=False).encode("utf-8")
+    return body[:-1] + b',"crc":"%08x"}\n' % zlib.crc32(body)
+
+
+def _decode_line(line: bytes, checksummed: bool) -> dict:
+    """The event of one journal line (without its newline); ValueError saying why it is bad."""
+    m = _CRC_SUFFIX.search(line)
+    if m is None:
+        if checksummed:
+            raise ValueError("no checksum (torn or edited)")
+        body = line
+    else:
+        body = line[: m.start()] + b"}"
+        if int(m.group(1), 16) != zlib.crc32(body):
+            raise ValueError("checksum mismatch")
+    try:
+        ev = json.loads(body)
+    except (ValueError, RecursionError) as e:
+        raise ValueError(f"not JSON ({e})") from None
+    if not isinstance(ev, dict) or "ev" not in ev:
+        raise ValueError("not a journal event")
+    return ev
+
+
+@dataclass
+class JournalScan:
+    """What a journal holds: its sound events, and where (if anywhere) it is damaged."""
+
+    events: list[dict]
+    good_bytes: int                      # length of the sound prefix (every event above)
+    size: int                            # the file's length when read
+    torn: bytes = b""                    # a torn or garbled final line (a crash mid-append)
+    bad_line: int | None = None          # 1-based number of a damaged line that is not the last
+    bad_reason: str = ""
+    needs_newline: bool = False          # the last event is complete but its newline never landed
+
+
 class Journal:
-    """Append-only JSON lines; every append is flushed and fsynced before it returns."""
+    """Append-only JSON lines, each with its checksum; every append is flushed and fsynced before it returns."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -115,30 +190,166 @@ class Journal:
     def append(self, events: list[dict]) -> None:
         if not events:
             return
-        data = "".join(json.dumps(e, separators=(",", ":"), allow_nan=False) + "\n" for e in events)
+        data = b"".join(_encode_line(e) for e in events)
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            os.write(fd, data.encode("utf-8"))
+            os.write(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)
 
+    def scan(self) -> JournalScan:
+        """Read every line and classify it; never changes the file."""
+        data = self.path.read_bytes() if self.path.exists() else b""
+        lines = data.split(b"\n")
+        # the last element is what follows the final newline: b"" when the file ends cleanly
+        last = max((i for i, raw in enumerate(lines) if raw.strip()), default=-1)
+        checksummed = True
+        events: list[dict] = []
+        offset = 0
+        for i, raw in enumerate(lines):
+            end = offset + len(raw) + (1 if i < len(lines) - 1 else 0)
+            if raw.strip():
+                try:
+                    if i == 0:  # the session line says which format the rest is in
+                        checksummed = _CRC_SUFFIX.search(raw) is not None
+                    events.append(_decode_line(raw, checksummed))
+                except ValueError as e:
+                    if i == last:
+                        return JournalScan(events, offset, len(data), torn=data[offset:])
+                    return JournalScan(events, offset, len(data), bad_line=i + 1, bad_reason=str(e))
+            offset = end
+        needs_nl = bool(data) and not data.endswith(b"\n")
+        return JournalScan(events, len(data), len(data), needs_newline=needs_nl)
+
     def read(self) -> list[dict]:
-        """Every complete event; a torn last line (a crash mid-append) is ignored."""
-        if not self.path.exists():
-            return []
-        events = []
-        lines = self.path.read_bytes().split(b"\n")
-        for i, line in enumerate(lines):
-            if not line.strip():
-                continue
-            try:
-                events.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                if i == len(lines) - 1:  # torn tail: the write never completed
-                    break
-                raise SessionError(f"{self.path}:{i + 1}: corrupt journal line: {e}", path=str(self.path)) from e
-        return events
+        """Every sound event; a torn final line (a crash mid-append) is ignored, any other bad line raises."""
+        return self.sound(self.scan()).events
+
+    def sound(self, scan: JournalScan) -> JournalScan:
+        """``scan`` itself, or JournalCorrupt naming the damaged line that is not the last."""
+        if scan.bad_line is not None:
+            raise JournalCorrupt(f"{self.path}:{scan.bad_line}: corrupt journal line ({scan.bad_reason}); "
+                                 f"'twinstudio capture repair --session {self.path.parent}' cuts the journal "
+                                 "there after a backup and recovers from the files on disk",
+                                 path=str(self.path), line=scan.bad_line)
+        return scan
+
+    def cut_torn_tail(self) -> Path | None:
+        """Writers only: cut a torn final line off (its bytes kept beside the journal); returns that file."""
+        scan = self.sound(self.scan())
+        if scan.needs_newline:
+            with open(self.path, "ab") as f:
+                f.write(b"\n")
+                f.flush()
+                os.fsync(f.fileno())
+            return None
+        if not scan.torn:
+            return None
+        aside = self.path.with_name(f"{self.path.name}.torn-{_stamp()}")
+        from rigs.fileio import atomic_write_bytes
+
+        atomic_write_bytes(aside, scan.torn)
+        with open(self.path, "r+b") as f:
+            f.truncate(scan.good_bytes)
+            f.flush()
+            os.fsync(f.fileno())
+        return aside
+
+
+def _stamp() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+
+
+# ----------------------------------------------------------------------------- the writer lock
+
+_held_locks: dict[str, list] = {}  # realpath of a session -> [fd, depth, holder]: this process's locks
+
+
+def lock_holder(session_dir: Path | str) -> dict | None:
+    """Who holds (or last held) a session's writer lock, as recorded in ``session.lock``; None if unknown."""
+    held = _held_locks.get(os.path.realpath(session_dir))
+    if held is not None:  # never open the file we hold a POSIX lock on: closing it would drop the lock
+        return dict(held[2])
+    p = Path(session_dir) / LOCK_FILE
+    try:
+        doc = json.loads(p.read_text() or "null")
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+@contextmanager
+def writer_lock(session_dir: Path | str, command: str | None = None) -> Iterator[None]:
+    """Hold the session's exclusive writer lock (re-entrant within a process).
+
+    A POSIX record lock on ``session.lock``: the kernel releases it when the
+    holder exits or dies, and worker processes forked by the holder do not
+    inherit it. The holder's pid, host, command and start time are written
+    into the file for whoever is refused.
+    """
+    key = os.path.realpath(session_dir)
+    if key in _held_locks:
+        _held_locks[key][1] += 1
+        try:
+            yield
+        finally:
+            _held_locks[key][1] -= 1
+        return
+    import fcntl
+
+    path = Path(session_dir) / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        if e.errno not in (errno.EACCES, errno.EAGAIN):
+            raise
+        h = lock_holder(session_dir) or {}
+        who = (f"pid {h.get('pid', '?')} on {h.get('host', '?')} since {h.get('since', '?')}: "
+               f"{h.get('command', '?')}")
+        raise SessionLocked(f"session {session_dir} is being written by another process ({who}); wait for it to "
+                            "finish or stop it. Reading (capture status) works meanwhile.",
+                            path=str(session_dir), holder=h or None) from None
+    holder = {"pid": os.getpid(), "host": socket.gethostname(),
+              "command": command or " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+              "since": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
+    _held_locks[key] = [fd, 1, holder]
+    try:
+        yield
+    finally:
+        _held_locks[key][1] -= 1
+        if _held_locks[key][1] == 0:
+            del _held_locks[key]
+            os.close(fd)  # releases the lock; the holder record stays, for the curious
+
+
+def current_writer(session_dir: Path | str) -> dict | None:
+    """The process writing the session now (its recorded pid, host, command, since), or None when none is."""
+    import fcntl
+
+    p = Path(session_dir) / LOCK_FILE
+    if holds_lock(session_dir):
+        return lock_holder(session_dir)
+    if not p.exists():
+        return None
+    fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        try:  # a shared lock for a moment: refused while a writer holds the exclusive one
+            fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return lock_holder(session_dir) or {}
+        return None
+    finally:
+        os.close(fd)
+
+
+def holds_lock(session_dir: Path | str) -> bool:
+    """Whether this process holds the session's writer lock."""
+    return os.path.realpath(session_dir) in _held_locks
 
 
 def read_manifest(session_dir: Path | str) -> SessionManifest:
@@ -148,8 +359,9 @@ def read_manifest(session_dir: Path | str) -> SessionManifest:
         m = SessionManifest.model_validate(json.loads(p.read_text()))
     except FileNotFoundError:
         raise SessionError(f"{p} does not exist: not a capture session", path=str(p)) from None
-    except (ValueError, ValidationError) as e:
-        raise SessionError(f"{p}: not a valid session manifest: {e}", path=str(p)) from e
+    except (ValueError, ValidationError, RecursionError) as e:
+        raise SessionError(f"{p}: not a valid session manifest: {type(e).__name__}: {str(e)[:300]}",
+                           path=str(p)) from e
     if m.schema_ != SESSION_SCHEMA or m.version != SESSION_VERSION:
         raise SessionError(f"{p}: schema {m.schema_}/{m.version} is not {SESSION_SCHEMA}/{SESSION_VERSION}",
                            path=str(p))
@@ -191,13 +403,35 @@ def apply_event(m: SessionManifest | None, ev: dict) -> SessionManifest:
     return m
 
 
-class Session:
-    """An open session folder. Library code; not thread-safe."""
+def _replay(journal: Journal) -> tuple[SessionManifest, bool]:
+    """The manifest the journal's sound events build, and whether a torn final line was left out."""
+    scan = journal.sound(journal.scan())
+    m = None
+    try:
+        for ev in scan.events:
+            m = apply_event(m, ev)
+    except (KeyError, TypeError, ValidationError) as e:
+        raise SessionError(f"{journal.path}: cannot replay the journal: {e}", path=str(journal.path)) from e
+    if m is None:
+        raise SessionError(f"{journal.path} is empty" + (" but for a torn line" if scan.torn else ""),
+                           path=str(journal.path))
+    return m, bool(scan.torn)
 
-    def __init__(self, path: Path, manifest: SessionManifest) -> None:
+
+class Session:
+    """An open session folder. Library code; not thread-safe.
+
+    Opening replays the journal and changes nothing, so readers can open a
+    session while another process captures into it. Changes (:meth:`record`)
+    need the writer lock: hold it with ``with session.writing(): ...``.
+    """
+
+    def __init__(self, path: Path, manifest: SessionManifest, torn_tail: bool = False) -> None:
         self.path = path
         self.manifest = manifest
         self.journal = Journal(path / "journal.jsonl")
+        self.torn_tail = torn_tail  # the journal ends in a torn line (a crash, or a write in progress)
+        self.torn_aside: Path | None = None  # where a writer kept the torn line it cut off
 
     # ------------------------------------------------------------- creating and opening
 
@@ -210,32 +444,44 @@ class Session:
         if (path / "journal.jsonl").exists():
             raise SessionError(f"{path} already holds a session; use it, or pick another folder", path=str(path))
         path.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(rig_path, path / "rig.toml")
-        (path / "takes").mkdir(exist_ok=True)
-        fsync_dir(path)
-        s = cls(path, None)  # type: ignore[arg-type]
-        s.record([{"ev": "session", "subject_id": subject_id, "rig": rig.name,
-                   "rig_sha256": sha256_file(path / "rig.toml"), "t": _now()}])
-        s.save()
+        with writer_lock(path):
+            if (path / "journal.jsonl").exists():  # another process created it meanwhile
+                raise SessionError(f"{path} already holds a session; use it, or pick another folder",
+                                   path=str(path))
+            shutil.copyfile(rig_path, path / "rig.toml")
+            (path / "takes").mkdir(exist_ok=True)
+            fsync_dir(path)
+            s = cls(path, None)  # type: ignore[arg-type]
+            s.record([{"ev": "session", "journal": JOURNAL_FORMAT, "subject_id": subject_id, "rig": rig.name,
+                       "rig_sha256": sha256_file(path / "rig.toml"), "t": _now()}])
+            s.save()
         return s
 
     @classmethod
     def open(cls, path: Path | str) -> Session:
-        """Open a session by replaying its journal (session.json is only a view of it)."""
+        """Open a session by replaying its journal (session.json is only a view of it); writes nothing."""
         path = Path(path)
         journal = Journal(path / "journal.jsonl")
         if not journal.path.exists():
             raise SessionError(f"{path} is not a session (no journal.jsonl); start one with "
                                f"'twinstudio capture start --session {path} ...'", path=str(path))
-        m = None
-        try:
-            for ev in journal.read():
-                m = apply_event(m, ev)
-        except (KeyError, ValidationError) as e:
-            raise SessionError(f"{journal.path}: cannot replay the journal: {e}", path=str(journal.path)) from e
-        if m is None:
-            raise SessionError(f"{journal.path} is empty", path=str(journal.path))
-        return cls(path, m)
+        m, torn = _replay(journal)
+        return cls(path, m, torn)
+
+    @contextmanager
+    def writing(self, command: str | None = None) -> Iterator[Session]:
+        """Hold the writer lock; on taking it, a torn final journal line is cut off (kept aside) and the
+        manifest replayed again, since another writer may have changed the session since it was opened."""
+        fresh = not holds_lock(self.path)
+        with writer_lock(self.path, command):
+            if fresh:
+                aside = self.journal.cut_torn_tail()
+                self.manifest, self.torn_tail = _replay(self.journal)
+                if aside is not None:
+                    self.record([{"ev": "note", "t": _now(),
+                                  "text": f"torn final journal line cut off; its bytes are in {aside.name}"}])
+                    self.torn_aside = aside
+            yield self
 
     @property
     def rig(self) -> Rig:
@@ -248,7 +494,10 @@ class Session:
     # ------------------------------------------------------------- state changes
 
     def record(self, events: list[dict]) -> None:
-        """Journal the events (fsynced), then apply them to the manifest."""
+        """Journal the events (fsynced), then apply them to the manifest. Needs the writer lock."""
+        if not holds_lock(self.path):
+            raise SessionError(f"{self.path}: changing a session needs its writer lock (Session.writing())",
+                               path=str(self.path))
         self.journal.append(events)
         for ev in events:
             self.manifest = apply_event(self.manifest, ev)
@@ -282,9 +531,22 @@ def recover(session: Session) -> dict[str, int]:
     * a complete frame file the journal does not list is hashed and adopted;
     * a recorded frame whose file is gone or whose hash differs is marked lost (to be reshot).
     """
-    counts = {"discarded": 0, "adopted": 0, "lost": 0}
+    with session.writing():
+        return _recover(session)
+
+
+def _recover(session: Session) -> dict[str, int]:
+    counts = {"discarded": 0, "adopted": 0, "lost": 0, "unlisted": 0}
     events: list[dict] = []
     takes_dir = session.path / "takes"
+    known = set(session.manifest.takes)
+    for tdir in sorted(takes_dir.iterdir()) if takes_dir.is_dir() else []:
+        if tdir.is_dir() and tdir.name not in known:  # e.g. its take_start was cut off by a repair: kept, listed
+            n = sum(1 for f in tdir.rglob("*") if f.is_file() and _FRAME_NAME.match(f.name))
+            if n:
+                counts["unlisted"] += n
+                events.append({"ev": "note", "t": _now(), "text": f"takes/{tdir.name}: {n} frame file(s) of a "
+                               "take the journal does not know; kept on disk, not in the manifest"})
     for take in session.manifest.takes.values():
         tdir = takes_dir / take.id
         for cam in take.cameras:
@@ -323,6 +585,52 @@ def recover(session: Session) -> dict[str, int]:
     session.record(events)
     session.save()
     return counts
+
+
+def repair_journal(session_dir: Path | str, command: str | None = None) -> dict:
+    """Cut a damaged journal at its first bad line, after a backup, then recover from the files on disk.
+
+    The whole journal is first copied to ``journal.jsonl.bak-<time>``; the
+    lines from the bad one to the end are also kept in
+    ``journal.jsonl.cut-<time>``. Returns what was done: ``bad_line`` (None
+    when the journal was sound), ``backup``, ``cut`` (file names), ``torn``
+    (a torn final line set aside) and recover()'s counts.
+    """
+    from rigs.fileio import atomic_write_bytes
+
+    path = Path(session_dir)
+    journal = Journal(path / "journal.jsonl")
+    if not journal.path.exists():
+        raise SessionError(f"{path} is not a session (no journal.jsonl)", path=str(path))
+    with writer_lock(path, command):
+        scan = journal.scan()
+        out: dict[str, Any] = {"bad_line": scan.bad_line, "reason": scan.bad_reason, "backup": None, "cut": None,
+                               "cut_events": 0}
+        if scan.bad_line == 1:
+            raise JournalCorrupt(f"{journal.path}:1: the session record itself is damaged ({scan.bad_reason}); "
+                                 "nothing before it to keep: restore the journal from a backup",
+                                 path=str(journal.path), line=1)
+        if scan.bad_line is not None:
+            stamp = _stamp()
+            data = journal.path.read_bytes()
+            backup = journal.path.with_name(f"{journal.path.name}.bak-{stamp}")
+            cut = journal.path.with_name(f"{journal.path.name}.cut-{stamp}")
+            atomic_write_bytes(backup, data)
+            atomic_write_bytes(cut, data[scan.good_bytes:])
+            with open(journal.path, "r+b") as f:
+                f.truncate(scan.good_bytes)
+                f.flush()
+                os.fsync(f.fileno())
+            out.update(backup=backup.name, cut=cut.name, cut_events=data[scan.good_bytes:].count(b"\n"))
+        session = Session.open(path)
+        with session.writing(command):
+            out["torn"] = session.torn_aside.name if session.torn_aside else None
+            if scan.bad_line is not None:
+                session.record([{"ev": "note", "t": _now(), "text": f"journal cut at line {scan.bad_line} "
+                                 f"({scan.bad_reason}) by repair; backup {out['backup']}, cut lines {out['cut']}"}])
+            out.update(recover(session))
+            session.save()
+    return out
 
 
 def _now() -> float:

@@ -30,6 +30,7 @@ from rigs.drivers import camera_driver
 from rigs.drivers.base import DriverError, DriverOptions, ShotRequest
 from rigs.errors import TwinstudioError
 from rigs.fileio import TMP_SUFFIX, fsync_dir
+from rigs.procs import die_with_parent
 from rigs.rigfile import CameraSpec, QASettings, SettingsProfile
 
 
@@ -73,8 +74,10 @@ _WORKER_NICENESS = 2
 _THREADED_HASH_BYTES = 1 << 20
 
 
-def camera_worker(spec_json: str, options: DriverOptions, conn) -> None:
-    """Entry point of a camera's worker process."""
+def camera_worker(spec_json: str, options: DriverOptions, conn, parent: int | None = None) -> None:
+    """Entry point of a camera's worker process; it dies with ``parent`` (the orchestrator's pid)."""
+    # first of all: never outlive the orchestrator (a sibling's copy of our pipe keeps EOF from coming)
+    die_with_parent(parent=parent)
     spec = CameraSpec.model_validate_json(spec_json)
     # the orchestrator must win the CPU when hundreds of workers wake at once: it fires and collects
     os.nice(_WORKER_NICENESS)

@@ -366,6 +366,9 @@ def parse_rig(text: str, path: Path | str = "<rig>") -> Rig:
     except tomllib.TOMLDecodeError as e:
         m = re.search(r"at line (\d+)", str(e))
         raise RigError(f"not valid TOML: {e}", path=path, line=int(m.group(1)) if m else None) from e
+    except RecursionError:
+        raise RigError("nested too deeply to be a rig file (arrays or tables thousands of levels deep)",
+                       path=path) from None
     lines = _KeyLines(text)
     try:
         model = RigModel.model_validate(data)

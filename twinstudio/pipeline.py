@@ -33,7 +33,7 @@ def run_demo(out: Path, rig: str, *, scale: float = 1.0, frames: int | None = No
     if path.exists():
         aside = out / f"session.{time.strftime('%Y%m%d-%H%M%S')}"
         path.rename(aside)
-        console.print(f"an earlier demo session was moved to {aside}")
+        console.print(f"an earlier demo session was moved to {aside}", markup=False)
     session = Session.create(path, rig, DEMO_SUBJECT)
     letter = (f"Consent to capture and train a digital twin of {DEMO_SUBJECT} (demo, synthetic person).\\n"
               "Scopes: capture, train, generate, share. Markets: EU, US. Until: one year from today.\\n").encode()
@@ -50,7 +50,7 @@ def run_demo(out: Path, rig: str, *, scale: float = 1.0, frames: int | None = No
     t0 = time.perf_counter()
     takes = []
     kinds = ("calibration", "stills", "motion")
-    with _events(plain, path) as on_event:
+    with session.writing(command="twinstudio demo"), _events(plain, path) as on_event:
         prepare_virtual_studio(session, kinds, opts, on_event)
         for kind in kinds:
             takes.append(run_take(session, kind, opts, on_event=on_event))
@@ -65,8 +65,10 @@ def run_demo(out: Path, rig: str, *, scale: float = 1.0, frames: int | None = No
                       "; ".join(t.qa_flags) or (f"{flagged} frame(s)" if flagged else "none"),
                       str(path / "takes" / t.id))
     console.print(table)
-    console.print(f"captured in {seconds:.0f} s; manifest {path / 'session.json'}, journal {path / 'journal.jsonl'}")
-    console.print(f"virtual studio renders and ground truth (depth, masks, meshes, joints): {path / '.virtual'}")
+    console.print(f"captured in {seconds:.0f} s; manifest {path / 'session.json'}, journal {path / 'journal.jsonl'}",
+                  markup=False)
+    console.print(f"virtual studio renders and ground truth (depth, masks, meshes, joints): {path / '.virtual'}",
+                  markup=False)
     if reconstruct:
         _reconstruct(path, plain, console)
         if train and _train(path, plain, console):
@@ -85,7 +87,7 @@ def _reconstruct(session: Path, plain: bool, console: Console) -> None:
     with progress_events(plain) as on_event:
         rep = run_reconstruct(session, ReconstructOptions(), on_event=on_event)
     print_accuracy(json.loads(rep.path.read_text()))
-    console.print(f"reconstructed in {rep.seconds:.0f} s; report {rep.path}")
+    console.print(f"reconstructed in {rep.seconds:.0f} s; report {rep.path}", markup=False)
 
 
 #: the demo's GPU run: long enough to pass 30 dB on held-out cameras, short enough for a demo
@@ -112,9 +114,17 @@ def _train(session: Path, plain: bool, console: Console) -> bool:
 
 
 def _bundle(session: Path, out: Path, plain: bool, console: Console) -> None:
-    """Sign the demo's handoff bundle with a demo studio key, verify it, print its summary."""
+    """Sign the demo's handoff bundle with a demo studio key, verify it, print its summary.
+
+    The demo studio publishes its signed revocation list beside the bundle
+    (``out/revocations.json``, issued now, its own serials kept in
+    ``out/revocations/``); the verification trusts the demo key (``--pubkey``)
+    and checks that list, so "valid" means what it means for a render team.
+    """
+    from rigs.fileio import atomic_write_bytes
     from train.handoff.bundle import BundleOptions, build_bundle
-    from train.handoff.integrity import init_keys
+    from train.handoff.integrity import init_keys, load_private_key
+    from train.handoff.revocations import issue
     from train.handoff.verify import verify_bundle
     from twinstudio.cli_handoff import print_verify_result
     from twinstudio.cli_train import TrainDashboard
@@ -124,13 +134,20 @@ def _bundle(session: Path, out: Path, plain: bool, console: Console) -> None:
     if not (keys / "studio.key").exists():
         init_keys(keys)
     target = out / f"bundle-{DEMO_SUBJECT}.tar"
+    published = out / "revocations.json"
     if target.exists():
         aside = target.with_name(f"{target.stem}.{time.strftime('%Y%m%d-%H%M%S')}.tar")
         target.rename(aside)
         console.print(f"an earlier demo bundle was moved to {aside}")
     with TrainDashboard(plain, "bundling") as on_event:
-        r = build_bundle(session, target, BundleOptions(key=keys / "studio.key"), on_event=on_event)
-    console.print(f"bundled {r.files} files ({r.bytes / 2**20:.1f} MiB) in {r.seconds:.1f} s; twinstudio verify:")
-    print_verify_result(verify_bundle(target, pubkey=keys / "studio.pub"), target)
+        r = build_bundle(session, target, BundleOptions(key=keys / "studio.key",
+                                                        revocations_url=published.resolve().as_uri()),
+                         on_event=on_event)
+    signed = issue(load_private_key(keys / "studio.key"), store=out / "revocations")
+    atomic_write_bytes(published, signed.data)
+    console.print(f"bundled {r.files} files ({r.bytes / 2**20:.1f} MiB) in {r.seconds:.1f} s; revocation list "
+                  f"{published} (serial {signed.serial}); twinstudio verify:", highlight=False)
+    print_verify_result(verify_bundle(target, pubkey=keys / "studio.pub", revocations=published), target)
     console.print(f"  public key for render teams: {keys / 'studio.pub'}; check with "
-                  f"'twinstudio verify {target} --pubkey {keys / 'studio.pub'}'", highlight=False)
+                  f"'twinstudio verify {target} --pubkey {keys / 'studio.pub'} --revocations {published}'",
+                  highlight=False)

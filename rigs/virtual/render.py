@@ -226,7 +226,8 @@ def run_render(rig_path: Path | str, out_dir: Path | str, options: RenderOptions
 def _render_parallel(rig_path, out, options, takes, shares, total, on_event) -> list[dict]:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(str(rig_path), str(out), options, takes, share, i, queue),
+    procs = [ctx.Process(target=_worker, args=(str(rig_path), str(out), options, takes, share, i, queue,
+                                               os.getpid()),
                          daemon=True) for i, share in enumerate(shares)]
     for p in procs:
         p.start()
@@ -260,7 +261,10 @@ def _render_parallel(rig_path, out, options, takes, shares, total, on_event) -> 
 
 
 def _worker(rig_path: str, out: str, options: RenderOptions, takes: list[TakeSpec], share: list[str],
-            index: int, queue) -> None:
+            index: int, queue, parent: int | None = None) -> None:
+    from rigs.procs import die_with_parent
+
+    die_with_parent(parent=parent)  # a killed parent must not leave workers writing into its folder
     try:
         def emit(ev: RenderProgress) -> None:
             queue.put(("image", ev.camera, ev.take))
