@@ -101,8 +101,9 @@ def load_consents(session_dir: Path | str) -> list[ConsentRecord]:
         return []
     try:
         f = ConsentFile.model_validate(json.loads(path.read_text()))
-    except (ValueError, ValidationError) as e:
-        raise ConsentInputError(f"{path}: not a valid consent file: {e}", path=str(path)) from e
+    except (ValueError, ValidationError, RecursionError) as e:
+        raise ConsentInputError(f"{path}: not a valid consent file: {type(e).__name__}: {str(e)[:300]}",
+                                path=str(path)) from e
     if f.schema_ != CONSENT_SCHEMA or f.version != CONSENT_VERSION:
         raise ConsentInputError(f"{path}: schema {f.schema_}/{f.version} is not {CONSENT_SCHEMA}/{CONSENT_VERSION}")
     return f.records
@@ -149,12 +150,13 @@ def add_consent(session_dir: Path | str, record: ConsentRecord) -> ConsentRecord
 
 
 def revoke_consent(session_dir: Path | str, reason: str, consent_id: str | None = None,
-                   when: dt.datetime | None = None, revocations: Path | str | None = None) -> list[ConsentRecord]:
-    """Mark the session's records (or one) revoked; returns the records revoked.
+                   when: dt.datetime | None = None) -> list[ConsentRecord]:
+    """Mark the session's records (or one) revoked in ``consent.json``; returns the records revoked.
 
-    The revocation is also added to the studio's revocation list (``revocations``,
-    default :func:`revocation_list_path`), which ``twinstudio verify`` checks
-    bundles against after they have left the studio.
+    This blocks the studio's own later takes, training runs and bundles. Bundles
+    already delivered learn of it through the studio's signed revocation list
+    (``train.handoff.revocations``), which ``twinstudio consent revoke`` updates
+    after calling this: capture does not reach into train.
     """
     records = load_consents(session_dir)
     when = when or dt.datetime.now(dt.timezone.utc)
@@ -166,51 +168,15 @@ def revoke_consent(session_dir: Path | str, reason: str, consent_id: str | None 
         r.revoked_at = when
         r.revocation_reason = reason
     _save(Path(session_dir), records)
-    record_revocations(hit, revocations)
     return hit
 
 
-# ----------------------------------------------------------------------------- the studio's revocation list
-
-REVOCATIONS_SCHEMA = "twinstudio.revocations"
-REVOCATIONS_VERSION = 1
+# ----------------------------------------------------------------------------- the studio's home
 
 
 def studio_home() -> Path:
-    """The studio's own folder (keys, revocation list): ``$TWINSTUDIO_HOME``, default ``~/.twinstudio``."""
+    """The studio's own folder (keys, trusted keys, revocation lists): ``$TWINSTUDIO_HOME`` or ``~/.twinstudio``."""
     return Path(os.environ.get("TWINSTUDIO_HOME") or Path.home() / ".twinstudio")
-
-
-def revocation_list_path() -> Path:
-    return studio_home() / "revocations.json"
-
-
-def load_revocations(path: Path | str | None = None) -> dict[str, dict]:
-    """``{consent_id: {subject_id, revoked_at, reason}}`` of the studio's revocation list (empty if none)."""
-    p = Path(path) if path is not None else revocation_list_path()
-    if not p.exists():
-        return {}
-    try:
-        doc = json.loads(p.read_text())
-        if doc.get("schema") != REVOCATIONS_SCHEMA:
-            raise ValueError(f"schema is {doc.get('schema')!r}, not {REVOCATIONS_SCHEMA!r}")
-        return {r["consent_id"]: r for r in doc["revoked"]}
-    except (ValueError, KeyError, TypeError) as e:
-        raise ConsentError(f"{p}: not a valid revocation list: {e}", path=str(p)) from e
-
-
-def record_revocations(records: list[ConsentRecord], path: Path | str | None = None) -> Path:
-    """Add revoked records to the studio's revocation list (written atomically)."""
-    p = Path(path) if path is not None else revocation_list_path()
-    known = load_revocations(p)
-    for r in records:
-        known[r.consent_id] = {"consent_id": r.consent_id, "subject_id": r.subject_id,
-                               "revoked_at": (r.revoked_at or dt.datetime.now(dt.timezone.utc)).isoformat(),
-                               "reason": r.revocation_reason}
-    p.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(p, {"schema": REVOCATIONS_SCHEMA, "version": REVOCATIONS_VERSION,
-                          "revoked": sorted(known.values(), key=lambda r: r["consent_id"])})
-    return p
 
 
 def require_consent(session_dir: Path | str, scope: str, on: dt.date | None = None,

@@ -37,13 +37,14 @@ from twinstudio.cli_capture import capture_app, consent_app  # noqa: E402 - need
 
 from twinstudio.cli_reconstruct import reconstruct_app  # noqa: E402
 from twinstudio.cli_train import train_app  # noqa: E402
-from twinstudio.cli_handoff import bundle_cmd, keys_app, verify_cmd  # noqa: E402
+from twinstudio.cli_handoff import bundle_cmd, keys_app, revocations_app, verify_cmd  # noqa: E402
 
 app.add_typer(consent_app, name="consent")
 app.add_typer(capture_app, name="capture")
 app.add_typer(reconstruct_app, name="reconstruct")
 app.add_typer(train_app, name="train")
 app.add_typer(keys_app, name="keys")
+app.add_typer(revocations_app, name="revocations")
 app.command("bundle")(bundle_cmd)
 app.command("verify")(verify_cmd)
 
@@ -62,7 +63,7 @@ def rig_list() -> None:
         rig = load_rig(path)
         drivers = ", ".join(sorted({c.driver for c in rig.camera_specs}))
         table.add_row(rig.name, str(len(rig.camera_specs)), drivers, str(len(rig.lights)),
-                      ", ".join(rig.presets) or "-", rig.model.rig.description)
+                      ", ".join(rig.presets) or "-", escape(rig.model.rig.description))
     console.print(table)
 
 
@@ -79,7 +80,7 @@ def rig_check(
     from rigs.rigfile import load_rig
 
     rig = load_rig(rig_file)
-    console.print(f"[bold green]ok[/] {rig.path}: rig [bold]{rig.name}[/] — "
+    console.print(f"[bold green]ok[/] {escape(str(rig.path))}: rig [bold]{escape(rig.name)}[/] — "
                   f"{len(rig.camera_specs)} cameras, {len(rig.lights)} lights, {len(rig.presets)} presets")
     cams = Table(title="Cameras")
     for col in ("id", "driver", "address / serial", "resolution", "focal px", "position m", "distance m"):
@@ -125,7 +126,7 @@ def rig_check(
         table.add_row(f"{z0:.1f}-{z1:.1f}", *cells)
     console.print(table)
     for w in coverage_warnings(cov, min_views=min_views):
-        console.print(f"[yellow]warning[/] {w}")
+        console.print(f"[yellow]warning[/] {escape(w)}")
 
 
 @rig_app.command("render")
@@ -187,9 +188,9 @@ def _render(rig_file: str, out: Path, *, frames, takes: str, scale: float, worke
     console.print(f"[bold green]rendered[/] {result.images} images in {result.seconds:.1f} s "
                   f"({rate:.1f} images/s)")
     for take in result.takes:
-        console.print(f"  {take}: {out / 'takes' / take}")
-    console.print(f"  ground truth: {out}/takes/<take>/gt, cameras: {out / 'gt' / 'cameras.json'}")
-    console.print(f"  manifest: {result.manifest_path}")
+        console.print(f"  {take}: {out / 'takes' / take}", markup=False)
+    console.print(f"  ground truth: {out}/takes/<take>/gt, cameras: {out / 'gt' / 'cameras.json'}", markup=False)
+    console.print(f"  manifest: {result.manifest_path}", markup=False)
 
 
 class _progress:
@@ -207,7 +208,7 @@ class _progress:
                 step = max(ev.total // 10, 1)
                 if ev.done - last[0] >= step or ev.done == ev.total:
                     last[0] = ev.done
-                    console.print(f"{self.label}: {ev.done}/{ev.total} ({ev.take}, {ev.camera})")
+                    console.print(f"{self.label}: {ev.done}/{ev.total} ({ev.take}, {ev.camera})", markup=False)
             return log
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 consent_app = typer.Typer(help="The subject's consent: record, show, revoke.", no_args_is_help=True)
@@ -56,28 +57,31 @@ def consent_add(
         err = e.errors()[0]
         raise ConsentInputError(f"invalid consent: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
     add_consent(session, rec)
-    _console().print(f"[green]recorded[/] consent {rec.consent_id} for {rec.subject_id}: "
-                     f"{', '.join(rec.scopes)} until {rec.valid_until}")
+    _console().print(f"[green]recorded[/] consent {rec.consent_id} for {escape(rec.subject_id)}: "
+                     f"{', '.join(rec.scopes)} until {rec.valid_until}", highlight=False)
 
 
 @consent_app.command("show")
 def consent_show(session: SessionOpt) -> None:
     """Show the session's consent records and whether each is in force today."""
-    from capture.consent import load_consents
+    from capture.consent import load_consents, session_subject
 
     records = load_consents(session)
     if not records:
-        _console().print(f"no consent recorded in {session}")
+        _console().print(f"no consent recorded in {escape(str(session))}")
         raise typer.Exit(1)
-    t = Table(title=f"Consent ({session})")
+    t = Table(title=f"Consent ({escape(str(session))})")
     for col in ("id", "subject", "agency", "scopes", "purposes", "markets", "valid", "compensation", "status"):
         t.add_column(col)
     today = dt.date.today()
+    subject = session_subject(session)
     for r in records:
-        status = "revoked" if r.revoked_at else ("expired" if today > r.valid_until else
-                                                 "not yet" if today < r.valid_from else "in force")
-        t.add_row(r.consent_id, r.subject_id, r.agency, ", ".join(r.scopes), ", ".join(r.purposes),
-                  ", ".join(r.markets), f"{r.valid_from} – {r.valid_until}", r.compensation_ref, status)
+        status = ("[red]another subject[/]" if subject is not None and r.subject_id != subject else
+                  "revoked" if r.revoked_at else ("expired" if today > r.valid_until else
+                                                  "not yet" if today < r.valid_from else "in force"))
+        t.add_row(*(escape(x) for x in (r.consent_id, r.subject_id, r.agency, ", ".join(r.scopes),
+                                        ", ".join(r.purposes), ", ".join(r.markets),
+                                        f"{r.valid_from} – {r.valid_until}", r.compensation_ref)), status)
     _console().print(t)
 
 
@@ -86,15 +90,45 @@ def consent_revoke(
     session: SessionOpt,
     reason: Annotated[str, typer.Option(help="Why (kept with the record).")],
     consent_id: Annotated[Optional[str], typer.Option("--id", help="Only this record (default: all).")] = None,
-    revocations: Annotated[Optional[Path], typer.Option(
-        help="Studio revocation list to add it to (default: $TWINSTUDIO_HOME/revocations.json).")] = None,
+    key: Annotated[Optional[Path], typer.Option(
+        "--key", help="Studio private key that signs the revocation list (default: "
+                      "$TWINSTUDIO_HOME/keys/studio.key).")] = None,
+    valid_days: Annotated[float, typer.Option(
+        "--valid-days", help="Days until the list's next update.")] = 7.0,
 ) -> None:
-    """Revoke consent: no further takes, training or bundles; bundles already out fail 'twinstudio verify'."""
-    from capture.consent import revocation_list_path, revoke_consent
+    """Revoke consent: no further takes, training or bundles; the studio's signed revocation list gets it.
 
-    for r in revoke_consent(session, reason, consent_id, revocations=revocations):
-        _console().print(f"[yellow]revoked[/] consent {r.consent_id} of {r.subject_id}")
-    _console().print(f"revocation list: {revocations or revocation_list_path()}")
+    The records are marked revoked in consent.json, then added to the studio's signed revocation list
+    (publish it with 'twinstudio revocations export'), so bundles already out fail 'twinstudio verify'
+    (exit 4) wherever that list is imported. Exit 0 also when there is no default studio key (then no
+    bundle was ever signed with it; this is said); 2 when --key names a missing key. Run again after a
+    revocation that reached consent.json only: records revoked but not yet listed are listed.
+    """
+    from rich.markup import escape
+
+    from capture.consent import load_consents, revoke_consent
+    from twinstudio.cli_handoff import add_to_studio_list, studio_signing_key
+
+    private, key_path = studio_signing_key(key)  # a --key that cannot be used stops here, before any change
+    in_force = [r for r in load_consents(session)
+                if r.revoked_at is None and (consent_id is None or r.consent_id == consent_id)]
+    if in_force:
+        hit = revoke_consent(session, reason, consent_id)
+    else:  # nothing left to revoke: list what was revoked here but is not on the signed list yet
+        from train.handoff.integrity import key_id
+        from train.handoff.revocations import held_list
+
+        held = held_list(key_id(private.public_key())) if private is not None else None
+        listed = {e.consent_id for e in held.list.revoked} if held is not None else set()
+        hit = [r for r in load_consents(session) if r.revoked_at is not None and r.consent_id not in listed
+               and (consent_id is None or r.consent_id == consent_id)]
+        if not hit or private is None:
+            revoke_consent(session, reason, consent_id)  # raises: no consent in force to revoke
+    for r in hit:
+        what = "revoked" if in_force else f"listing (revoked on {r.revoked_at.date()})"
+        _console().print(f"[yellow]{what}[/] consent {escape(r.consent_id)} of {escape(r.subject_id)}",
+                         highlight=False)
+    add_to_studio_list(hit, private, key_path, valid_days)
 
 
 def _options(frames, sim_latency, sim_jitter, sim_failure_rate, sim_disconnect_after, virtual_source,
@@ -151,11 +185,18 @@ VSource = Annotated[str, typer.Option(help="Virtual cameras: render (the virtual
 RScale = Annotated[float, typer.Option(help="Virtual studio render scale.", hidden=True)]
 
 
+def _writing(s):
+    """The session's writer lock for this whole command (a second writer exits 2 naming this one)."""
+    import sys
+
+    return s.writing(command=" ".join(["twinstudio", *sys.argv[1:]]))
+
+
 def _take(kind: str, session: Path, rig, frames, plain, *sim) -> None:
     from capture.orchestrator import run_take
 
     s = _open(session, rig)
-    with _events(plain, session) as on_event:
+    with _writing(s), _events(plain, session) as on_event:
         rec = run_take(s, kind, _options(frames, *sim), on_event=on_event)
     _summary(rec)
 
@@ -164,10 +205,10 @@ def _summary(rec) -> None:
     missing = rec.missing()
     skew = f"{rec.skew_s * 1000:.1f} ms" if rec.skew_s is not None else "-"
     style = "green" if rec.status == "complete" else "yellow"
-    _console().print(f"[{style}]{rec.id}[/]: {rec.status}, {sum(len(v) for v in rec.captured.values())} frames, "
+    _console().print(f"[{style}]{escape(rec.id)}[/]: {rec.status}, {sum(len(v) for v in rec.captured.values())} frames, "
                      f"{len(missing)} missing, skew {skew}")
     for flag in rec.qa_flags:
-        _console().print(f"  [yellow]qa[/] {flag}")
+        _console().print(f"  [yellow]qa[/] {escape(flag)}", highlight=False)
     if missing:
         _console().print(f"  fill the gaps with: twinstudio capture reshoot {rec.id} --session <session>")
 
@@ -182,8 +223,9 @@ def capture_start(
     from capture.session import Session
 
     s = Session.create(session, rig, subject)
-    _console().print(f"[green]session[/] {s.path} for {subject} on rig {s.manifest.rig}; "
-                     f"record consent next: twinstudio consent add --session {s.path} ...")
+    _console().print(f"[green]session[/] {escape(str(s.path))} for {escape(subject)} on rig "
+                     f"{escape(s.manifest.rig)}; record consent next: twinstudio consent add --session "
+                     f"{escape(str(s.path))} ...", highlight=False)
 
 
 @capture_app.command("calibrate")
@@ -227,7 +269,7 @@ def capture_run(session: SessionOpt, rig: RigOpt = None, frames: FramesOpt = Non
                     render_scale)
     recs = []
     kinds = ("calibration", "stills", "motion")
-    with _events(plain, session) as on_event:
+    with _writing(s), _events(plain, session) as on_event:
         if s.rig.is_virtual and virtual_source == "render":
             prepare_virtual_studio(s, kinds, opts, on_event)
         for kind in kinds:
@@ -240,13 +282,13 @@ def capture_run(session: SessionOpt, rig: RigOpt = None, frames: FramesOpt = Non
 def capture_status(session: SessionOpt) -> None:
     """The session's takes: status, frames, missing cameras, skew, QA flags."""
     from capture.consent import load_consents
-    from capture.session import Session
+    from capture.session import Session, current_writer
 
     s = Session.open(session)
     m = s.manifest
     c = _console()
     c.print(f"session {s.path}: subject {m.subject_id}, rig {m.rig}, "
-            f"{len(load_consents(session))} consent record(s)")
+            f"{len(load_consents(session))} consent record(s)", markup=False, highlight=False)
     t = Table(title="Takes")
     for col in ("take", "kind", "status", "frames", "missing", "skew ms", "QA"):
         t.add_column(col)
@@ -256,8 +298,16 @@ def capture_status(session: SessionOpt) -> None:
         if qa_frames:
             flags += f" ({qa_frames} frame(s) flagged)"
         t.add_row(take.id, take.kind, take.status, str(sum(len(v) for v in take.captured.values())),
-                  str(len(take.missing())), f"{take.skew_s * 1000:.1f}" if take.skew_s is not None else "-", flags)
+                  str(len(take.missing())), f"{take.skew_s * 1000:.1f}" if take.skew_s is not None else "-",
+                  escape(flags))
     c.print(t)
+    if s.torn_tail:
+        c.print("[yellow]journal[/]: ends in a torn line (a write in progress, or a crash mid-write); the next "
+                "writer ('capture resume') cuts it off and keeps it aside")
+    h = current_writer(session)
+    if h is not None:
+        c.print(f"[yellow]in use[/]: being written by pid {h.get('pid')} on {escape(str(h.get('host')))} since "
+                f"{h.get('since')}: {escape(str(h.get('command')))}", highlight=False)
 
 
 @capture_app.command("resume")
@@ -267,10 +317,37 @@ def capture_resume(session: SessionOpt, plain: PlainOpt = False, virtual_source:
     from capture.orchestrator import resume
 
     s = _open(session, None)
-    with _events(plain, session) as on_event:
+    with _writing(s), _events(plain, session) as on_event:
         out = resume(s, _options(None, 0.0, 0.0, 0.0, None, virtual_source, render_scale), on_event=on_event)
-    _console().print(f"resumed {session}: {out['adopted']} adopted, {out['discarded']} discarded, "
-                     f"{out['lost']} lost; completed takes: {', '.join(out['completed']) or 'none'}")
+    _console().print(f"resumed {escape(str(session))}: {out['adopted']} adopted, {out['discarded']} discarded, "
+                     f"{out['lost']} lost; completed takes: {', '.join(out['completed']) or 'none'}"
+                     + (f"; torn journal line kept in {out['torn']}" if out["torn"] else ""))
+
+
+@capture_app.command("repair")
+def capture_repair(session: SessionOpt) -> None:
+    """Cut a damaged journal at its first bad line (after a backup), then recover from the files on disk.
+
+    For the error "corrupt journal line": the whole journal is copied to
+    journal.jsonl.bak-<time> and the lines from the bad one on to
+    journal.jsonl.cut-<time>; frames on disk that the cut lines recorded are
+    adopted again. Finish interrupted takes afterwards with 'capture resume'.
+    """
+    import sys
+
+    from capture.session import repair_journal
+
+    out = repair_journal(session, command=" ".join(["twinstudio", *sys.argv[1:]]))
+    con = _console()
+    if out["bad_line"] is None:
+        con.print(f"[green]journal sound[/]: {escape(str(session / 'journal.jsonl'))}"
+                  + (f" (a torn final line was cut off, kept in {escape(out['torn'])})" if out["torn"] else ""))
+    else:
+        con.print(f"[yellow]journal cut[/] at line {out['bad_line']} ({escape(out['reason'])}): "
+                  f"{out['cut_events']} line(s) moved to {escape(out['cut'])}; backup {escape(out['backup'])}")
+    con.print(f"recovered from disk: {out['adopted']} frame(s) adopted, {out['lost']} lost, "
+              f"{out['discarded']} half-written discarded, {out['unlisted']} in unknown take folders (kept); "
+              f"then: twinstudio capture resume --session {escape(str(session))}")
 
 
 @capture_app.command("reshoot")
@@ -281,7 +358,7 @@ def capture_reshoot(take: Annotated[str, typer.Argument(help="Take id, e.g. stil
     from capture.orchestrator import reshoot
 
     s = _open(session, None)
-    with _events(plain, session) as on_event:
+    with _writing(s), _events(plain, session) as on_event:
         rec = reshoot(s, take, _options(None, sim_latency, 0.0, sim_failure_rate, None, virtual_source,
                                         render_scale), on_event=on_event)
     _summary(rec)

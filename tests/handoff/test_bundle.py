@@ -2,9 +2,10 @@
 
 Covers the layout and manifest, the generation kit, signing and verification
 (a changed byte, a missing and an extra file, a foreign key, an expired and a
-revoked consent), consent enforced at bundling, the deterministic archive, and
-that each file opens in the tools render teams use (trimesh, open3d, plyfile,
-pycolmap, nerfstudio).
+revoked consent, the revocation status), consent enforced at bundling, the
+deterministic archive, and that each file opens in the tools render teams use
+(trimesh, open3d, plyfile, pycolmap, nerfstudio). The CLI's faults are in
+tests/faults/test_bundle_delivery.py and test_revocation_lists.py.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ pytest.importorskip("nerfstudio")
 
 from capture.consent import ConsentError, ConsentRecord, add_consent, load_consents, revoke_consent  # noqa: E402
 from train.handoff.bundle import BundleOptions, build_bundle  # noqa: E402
-from train.handoff.integrity import BundleError, init_keys  # noqa: E402
-from train.handoff.verify import CONSENT, TAMPERED, VALID, verify_bundle  # noqa: E402
+from train.handoff.integrity import BundleError, init_keys, load_private_key  # noqa: E402
+from train.handoff.revocations import entry_of, issue  # noqa: E402
+from train.handoff.verify import CONSENT, REVOCATION, TAMPERED, UNTRUSTED, VALID, verify_bundle  # noqa: E402
 
 SUBJECT = "subj-007"
 KIT = 96  # generation-kit crop size for the tests (1024 in real bundles)
@@ -40,7 +42,8 @@ def session(tmp_path_factory):
     root = tmp_path_factory.mktemp("handoff") / "session"
     s = Session.create(root, "virtual-ring-24", SUBJECT)
     today = dt.date.today()
-    add_consent(root, ConsentRecord(subject_id=SUBJECT, agency="Nova Models", scopes=["capture", "train", "share"],
+    add_consent(root, ConsentRecord(subject_id=SUBJECT, agency="Nova Models",
+                                    scopes=["capture", "train", "generate", "share"],
                                     purposes=["e-commerce"], markets=["EU"], valid_from=today,
                                     valid_until=today + dt.timedelta(days=30), compensation_ref="INV-7",
                                     document_sha256="a" * 64))
@@ -64,6 +67,15 @@ def session(tmp_path_factory):
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory):
     return init_keys(tmp_path_factory.mktemp("keys"))
+
+
+@pytest.fixture(scope="module")
+def published(keys, tmp_path_factory):
+    """The studio's current signed revocation list (nothing revoked), as it publishes it."""
+    d = tmp_path_factory.mktemp("revocations")
+    signed = issue(load_private_key(keys[0]), store=d / "store")
+    (d / "revocations.json").write_bytes(signed.data)
+    return d / "revocations.json"
 
 
 @pytest.fixture(scope="module")
@@ -92,12 +104,13 @@ def test_layout_and_manifest(bundle, session):
     assert m["subject"] == {"id": SUBJECT}
     c = m["consent"]
     rec = load_consents(session)[0]
-    assert c["consent_id"] == rec.consent_id and c["scopes"] == ["capture", "train", "share"]
+    assert c["consent_id"] == rec.consent_id and c["scopes"] == ["capture", "train", "generate", "share"]
     assert c["markets"] == ["EU"] and c["compensation_ref"] == "INV-7" and c["valid_until"] == str(rec.valid_until)
     prov = m["provenance"]
     assert prov["rig"]["name"] == "virtual-ring-24" and prov["session"]["takes"] == {"stills": "stills-001"}
     assert prov["training"]["method"] == "twin-splat" and prov["software"]["twinstudio"]
     assert m["omitted"] == {"motion": "the session has no reconstructed motion take"}
+    assert m["revocations"] == {"issuer": bundle.key_id}  # no URL given: only who issues the list
     listed = {f["path"] for f in m["files"]}
     on_disk = {q.relative_to(p).as_posix() for q in p.rglob("*") if q.is_file()} - {"MANIFEST.json",
                                                                                       "SIGNATURE.json"}
@@ -137,10 +150,15 @@ def test_images_the_kit_skips_are_listed_in_the_manifest(session, keys, tmp_path
 # ----------------------------------------------------------------------------- verification
 
 
-def test_verify_valid_folder(bundle, keys):
+def test_verify_valid_folder(bundle, keys, published):
+    r = verify_bundle(bundle.path, pubkey=keys[1], revocations=published)
+    assert r.exit_code == VALID, (r.integrity.problems, r.consent_problems, r.revocation)
+    assert r.trusted and r.integrity.files == bundle.files - 2
+    assert r.revocation.state == "checked" and r.revocation.serial == 1
+    # the same without the list: intact and trusted, but the revocation status is unknown
     r = verify_bundle(bundle.path, pubkey=keys[1])
-    assert r.exit_code == VALID, (r.integrity.problems, r.consent_problems)
-    assert r.integrity.trusted and r.integrity.files == bundle.files - 2
+    assert r.exit_code == REVOCATION and r.revocation.state == "unknown"
+    assert verify_bundle(bundle.path, pubkey=keys[1], accept_stale_revocations=True).exit_code == VALID
 
 
 def test_a_changed_byte_is_detected_and_named(bundle, keys, tmp_path):
@@ -169,7 +187,7 @@ def test_an_edited_manifest_or_a_foreign_key_is_detected(bundle, keys, tmp_path)
     assert verify_bundle(p, pubkey=keys[1]).exit_code == TAMPERED
     _, other_pub = init_keys(tmp_path / "other")
     r = verify_bundle(bundle.path, pubkey=other_pub)
-    assert r.exit_code == TAMPERED and any("not the trusted key" in x for x in r.integrity.problems)
+    assert r.exit_code == UNTRUSTED and r.integrity.ok and not r.trusted and r.status == "intact, signer not trusted"
 
 
 def test_expired_consent(bundle, keys):
@@ -181,8 +199,11 @@ def test_expired_consent(bundle, keys):
 def test_revoked_consent(bundle, keys, session, tmp_path):
     s = tmp_path / "s"
     shutil.copytree(session, s, ignore=shutil.ignore_patterns("takes", ".virtual", "train", "recon"))
+    [rec] = revoke_consent(s, "subject withdrew")
+    signed = issue(load_private_key(keys[0]), [entry_of(rec.consent_id, rec.subject_id, rec.revoked_at,
+                                                        rec.revocation_reason)], store=tmp_path / "store")
     revocations = tmp_path / "revocations.json"
-    revoke_consent(s, "subject withdrew", revocations=revocations)
+    revocations.write_bytes(signed.data)
     r = verify_bundle(bundle.path, pubkey=keys[1], revocations=revocations)
     assert r.exit_code == CONSENT and "revoked" in r.consent_problems[0] and "withdrew" in r.consent_problems[0]
     # bundling that session again is refused
@@ -203,11 +224,11 @@ def test_bundling_needs_share_and_a_key(session, keys, tmp_path):
     assert not (tmp_path / "b").exists() and not list(tmp_path.glob(".b*"))
 
 
-def test_tar_is_deterministic_and_verifies(session, keys, tmp_path):
+def test_tar_is_deterministic_and_verifies(session, keys, published, tmp_path):
     a = build_bundle(session, tmp_path / "a.tar", BundleOptions(key=keys[0], kit_size=KIT))
     b = build_bundle(session, tmp_path / "b.tar", BundleOptions(key=keys[0], kit_size=KIT))
     assert a.path.read_bytes() == b.path.read_bytes()
-    assert verify_bundle(a.path, pubkey=keys[1]).exit_code == VALID
+    assert verify_bundle(a.path, pubkey=keys[1], revocations=published).exit_code == VALID
     import tarfile
 
     with tarfile.open(a.path) as t:
@@ -284,8 +305,12 @@ def test_cli_keys_bundle_verify(session, tmp_path, capsys):
     assert main(["bundle", str(session), "--out", str(out), "--no-generation-kit", "--plain"]) == 0
     text = capsys.readouterr().out
     assert "studio key" in text and "INV-7" in text and "omitted generation" in text
-    assert main(["verify", str(out), "--pubkey", f"{home}/keys/studio.pub"]) == 0
-    assert "valid" in capsys.readouterr().out
+    assert main(["verify", str(out), "--pubkey", f"{home}/keys/studio.pub"]) == 6  # no revocation list yet
+    assert "revocation status: unknown" in capsys.readouterr().out
+    assert main(["revocations", "export", "--out", str(tmp_path / "revocations.json")]) == 0
+    assert "serial 1" in capsys.readouterr().out
+    assert main(["verify", str(out)]) == 0  # keys init pinned the studio's own key; its list is held
+    assert capsys.readouterr().out.startswith("valid")
     assert main(["bundle", str(session), "--out", str(out)]) == 2  # never overwritten
     assert "already exists" in capsys.readouterr().err
     assert main(["consent", "revoke", "--session", str(session), "--reason", "test"]) == 0

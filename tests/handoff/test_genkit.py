@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from pathlib import Path
 
@@ -9,6 +10,8 @@ import cv2
 import numpy as np
 import pytest
 
+from capture.consent import ConsentError, ConsentInputError, ConsentRecord, add_consent, revoke_consent
+import reconstruct.inputs
 from reconstruct.inputs import write_cameras
 from rigs.geometry import Camera, Intrinsics, look_at
 from train.handoff import genkit
@@ -24,6 +27,7 @@ from train.handoff.genkit import (
 )
 
 TAKE = "stills-001"
+SUBJECT = "subj-042"
 STEPS = {0: ("flat", 0.0), 1: ("key-fill-rim", 0.0), 2: ("olat-key", 0.0)}
 SUBJECT_BGR = (40, 40, 220)      # red subject
 BACKDROP_BGR = (60, 160, 60)     # green backdrop
@@ -54,8 +58,16 @@ def _subject_mask(cam: Camera) -> np.ndarray:
     return mask
 
 
-def make_capture(root: Path, monkeypatch: pytest.MonkeyPatch, *, extra_cameras: tuple[str, ...] = ()) -> Path:
-    """A capture root: cameras.json, a stills take of 3 lighting steps with images and masks."""
+def make_capture(root: Path, monkeypatch: pytest.MonkeyPatch, *, extra_cameras: tuple[str, ...] = (),
+                 scopes: tuple[str, ...] = ("capture", "generate")) -> Path:
+    """A capture root: a session of SUBJECT with consent for ``scopes``, cameras.json, a stills take of 3
+    lighting steps with images and masks."""
+    root.mkdir(parents=True)
+    (root / "session.json").write_text(json.dumps({"subject_id": SUBJECT}))  # all of it the kit reads
+    today = dt.date.today()
+    add_consent(root, ConsentRecord(subject_id=SUBJECT, agency="Nova", scopes=list(scopes), purposes=["e-commerce"],
+                                    markets=["EU"], valid_from=today, valid_until=today + dt.timedelta(days=30),
+                                    compensation_ref="INV-1", document_sha256="a" * 64))
     cams = [_camera(c, p) for c, p in POSITIONS.items()]
     write_cameras(root / "recon" / "cameras.json", cams, method="calibration")
     for cam in cams + [_camera(c, (3.0, -3.0, 1.0)) for c in extra_cameras]:
@@ -71,7 +83,9 @@ def make_capture(root: Path, monkeypatch: pytest.MonkeyPatch, *, extra_cameras: 
             img[mask > 0, 1] += np.uint8(10 * frame)
             cv2.imwrite(str(img_dir / f"{frame:06d}.jpg"), img, [cv2.IMWRITE_JPEG_QUALITY, 95])
             cv2.imwrite(str(mask_dir / f"{frame:06d}.mask.png"), mask)
+    # session.json holds only the subject: answer for the manifest what a captured stills-001 would
     monkeypatch.setattr(genkit, "frame_lighting", lambda r, t: dict(STEPS))
+    monkeypatch.setattr(reconstruct.inputs, "list_takes", lambda r, kind=None: [TAKE])
     return root
 
 
@@ -122,7 +136,7 @@ def test_mask_crop_aligns_with_image_crop(capture: Path, tmp_path: Path) -> None
 
 
 def test_crop_box_is_centred_on_the_mask_with_the_margin(capture: Path, tmp_path: Path) -> None:
-    r = build_generation_kit(capture, tmp_path / "gen", "s", KitOptions(size=32, margin=0.1, presets=("flat",)))
+    r = build_generation_kit(capture, tmp_path / "gen", SUBJECT, KitOptions(size=32, margin=0.1, presets=("flat",)))
     for rec in _lines(r):
         mask = cv2.imread(str(capture / "recon" / "masks" / TAKE / rec["camera"] / "000000.mask.png"), 0)
         ys, xs = np.nonzero(mask)
@@ -160,7 +174,7 @@ def _frame_of(step: str) -> int:
 
 
 def test_views_and_elevations_from_camera_positions(capture: Path, tmp_path: Path) -> None:
-    r = build_generation_kit(capture, tmp_path / "gen", "s", KitOptions(size=32, presets=("flat",)))
+    r = build_generation_kit(capture, tmp_path / "gen", SUBJECT, KitOptions(size=32, presets=("flat",)))
     assert r.front_source == "camera cam01"
     assert np.allclose(r.subject_center, [0.0, 0.0, 1.0], atol=0.05)  # triangulated from the masks
     got = {rec["camera"]: (rec["view"], rec["elevation"], rec["azimuth_deg"]) for rec in _lines(r)}
@@ -173,7 +187,7 @@ def test_views_and_elevations_from_camera_positions(capture: Path, tmp_path: Pat
 
 def test_front_azimuth_option_turns_the_views(capture: Path, tmp_path: Path) -> None:
     # the subject faces +x: its left is +y, so the camera at -y sees its right side
-    r = build_generation_kit(capture, tmp_path / "gen", "s",
+    r = build_generation_kit(capture, tmp_path / "gen", SUBJECT,
                              KitOptions(size=32, presets=("flat",), front_azimuth_deg=0.0))
     assert r.front_source == "option" and r.front_azimuth_deg == 0.0
     got = {rec["camera"]: rec["view"] for rec in _lines(r)}
@@ -191,7 +205,7 @@ def test_virtual_ground_truth_gives_the_facing(capture: Path, tmp_path: Path) ->
     gt_dir = capture / "takes" / TAKE / "gt"
     gt_dir.mkdir()
     (gt_dir / "frames.json").write_text(json.dumps({"frames": [{"index": 0, "step": "flat", "joints": joints}]}))
-    r = build_generation_kit(capture, tmp_path / "gen", "s", KitOptions(size=32, presets=("flat",)))
+    r = build_generation_kit(capture, tmp_path / "gen", SUBJECT, KitOptions(size=32, presets=("flat",)))
     assert r.front_source == "virtual ground truth" and r.front_azimuth_deg == pytest.approx(0.0)
     got = {rec["camera"]: rec["view"] for rec in _lines(r)}
     assert got["cam02"] == "front" and got["cam01"] == "right profile"
@@ -235,7 +249,7 @@ def test_skips_missing_and_empty_masks_bad_images_and_uncalibrated_cameras(tmp_p
     (masks / "cam02" / "000001.mask.png").unlink()
     cv2.imwrite(str(masks / "cam03" / "000000.mask.png"), np.zeros((H, W), np.uint8))
     (root / "takes" / TAKE / "cam04" / "000002.jpg").write_bytes(b"not a jpeg")
-    r = build_generation_kit(root, tmp_path / "gen", "s", KitOptions(size=32))
+    r = build_generation_kit(root, tmp_path / "gen", SUBJECT, KitOptions(size=32))
     assert r.images == len(POSITIONS) * len(STEPS) - 3
     assert set(r.skipped) == {"cam99", f"{TAKE}/cam02/000001", f"{TAKE}/cam03/000000", f"{TAKE}/cam04/000002"}
     assert "uncalibrated" in r.skipped["cam99"]
@@ -248,8 +262,8 @@ def test_skips_missing_and_empty_masks_bad_images_and_uncalibrated_cameras(tmp_p
 
 
 def test_same_input_gives_the_same_bytes(capture: Path, tmp_path: Path) -> None:
-    a = build_generation_kit(capture, tmp_path / "a", "s", KitOptions(size=40))
-    b = build_generation_kit(capture, tmp_path / "b", "s", KitOptions(size=40))
+    a = build_generation_kit(capture, tmp_path / "a", SUBJECT, KitOptions(size=40))
+    b = build_generation_kit(capture, tmp_path / "b", SUBJECT, KitOptions(size=40))
     files_a = sorted(p.relative_to(a.out_dir) for p in a.out_dir.rglob("*") if p.is_file())
     files_b = sorted(p.relative_to(b.out_dir) for p in b.out_dir.rglob("*") if p.is_file())
     assert files_a == files_b and len(files_a) == 2 * a.images + 1
@@ -258,8 +272,8 @@ def test_same_input_gives_the_same_bytes(capture: Path, tmp_path: Path) -> None:
 
 
 def test_a_rerun_with_fewer_steps_leaves_no_stale_images(capture: Path, tmp_path: Path) -> None:
-    build_generation_kit(capture, tmp_path / "gen", "s", KitOptions(size=32))
-    r = build_generation_kit(capture, tmp_path / "gen", "s", KitOptions(size=32, presets=("flat",)))
+    build_generation_kit(capture, tmp_path / "gen", SUBJECT, KitOptions(size=32))
+    r = build_generation_kit(capture, tmp_path / "gen", SUBJECT, KitOptions(size=32, presets=("flat",)))
     assert sorted(p.name for p in (r.out_dir / "images").iterdir()) == [f"{c}_flat.jpg" for c in sorted(POSITIONS)]
     assert len(list((r.out_dir / "masks").iterdir())) == len(POSITIONS)
 
@@ -280,13 +294,13 @@ def test_crop_leaving_the_image_is_padded_with_the_border() -> None:
 
 def test_bad_inputs_raise_kit_errors(capture: Path, tmp_path: Path) -> None:
     with pytest.raises(KitError, match="olat-moon"):
-        build_generation_kit(capture, tmp_path / "gen", "s", KitOptions(presets=("olat-moon",)))
+        build_generation_kit(capture, tmp_path / "gen", SUBJECT, KitOptions(presets=("olat-moon",)))
     with pytest.raises(KitError, match="cam42"):
-        build_generation_kit(capture, tmp_path / "gen", "s", KitOptions(cameras=("cam42",)))
+        build_generation_kit(capture, tmp_path / "gen", SUBJECT, KitOptions(cameras=("cam42",)))
     with pytest.raises(KitError, match="subject_id"):
         build_generation_kit(capture, tmp_path / "gen", " ")
     with pytest.raises(KitError, match="no take"):
-        build_generation_kit(capture, tmp_path / "gen", "s", KitOptions(take="stills-009"))
+        build_generation_kit(capture, tmp_path / "gen", SUBJECT, KitOptions(take="stills-009"))
     with pytest.raises(KitError, match="size"):
         KitOptions(size=0)
     with pytest.raises(KitError, match="margin"):
@@ -294,15 +308,31 @@ def test_bad_inputs_raise_kit_errors(capture: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "gen").exists()  # nothing written before the inputs were checked
     (capture / "recon" / "cameras.json").unlink()
     with pytest.raises(KitError, match="cameras") as e:
-        build_generation_kit(capture, tmp_path / "gen", "s")
+        build_generation_kit(capture, tmp_path / "gen", SUBJECT)
     assert e.value.exit_code == 2
+
+
+def test_the_kit_needs_consent_to_generate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = make_capture(tmp_path / "capture", monkeypatch, scopes=("capture", "train", "share"))
+    with pytest.raises(ConsentError, match="does not cover 'generate'") as e:
+        build_generation_kit(root, tmp_path / "gen", SUBJECT, KitOptions(size=32))
+    assert e.value.exit_code == 4 and not (tmp_path / "gen").exists()
+    with pytest.raises(KitError, match="not 'subj-999'"):  # a session's imagery is captioned with its own subject
+        build_generation_kit(make_capture(tmp_path / "c2", monkeypatch), tmp_path / "gen", "subj-999")
+    revoke_consent(tmp_path / "c2", "withdrawn")
+    with pytest.raises(ConsentError, match="revoked"):
+        build_generation_kit(tmp_path / "c2", tmp_path / "gen", SUBJECT)
+    (root / "session.json").unlink()  # a folder that is neither a session nor a virtual render: nothing to check
+    with pytest.raises(ConsentInputError, match="not a capture session") as e:
+        build_generation_kit(root, tmp_path / "gen", SUBJECT)
+    assert e.value.exit_code == 2 and not (tmp_path / "gen").exists()
 
 
 def test_sfm_frame_cameras_are_refused(capture: Path, tmp_path: Path) -> None:
     cams = [_camera(c, p) for c, p in POSITIONS.items()]
     write_cameras(capture / "recon" / "cameras.json", cams, method="sfm", frame="sfm", units="arbitrary")
     with pytest.raises(KitError, match="arbitrary frame"):
-        build_generation_kit(capture, tmp_path / "gen", "s")
+        build_generation_kit(capture, tmp_path / "gen", SUBJECT)
 
 
 DEMO = Path(__file__).resolve().parents[2] / "out" / "demo" / "session"

@@ -15,7 +15,12 @@
     generation/       the generation kit: 1024x1024 crops, masks, metadata.jsonl (captions)
     metrics.json      the training run's figures and the reconstruction report
 
-Bundling refuses unless the session's consent covers ``share`` today. The
+Bundling refuses unless the session's consent covers ``share`` today; the
+generation kit (crops of the subject for generative teams) is included only
+when that consent also covers ``generate``, else the manifest's ``omitted``
+says why. The manifest names the signing key as the issuer of the
+revocation list that applies and, when the studio says so, where it
+publishes that list (``revocations``: ``issuer``, ``url``). The
 bundle is assembled in a staging folder beside the output, hashed (streaming,
 in parallel), signed, then renamed into place or archived into a
 deterministic ``.tar``: a crash leaves no half bundle under the final name.
@@ -24,8 +29,10 @@ The manifest holds no wall-clock time, so the same inputs give the same bytes.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -51,6 +58,7 @@ class BundleOptions:
     generation_kit: bool = True
     kit_size: int = 1024
     workers: int | None = None
+    revocations_url: str | None = None  # where the studio publishes its signed revocation list (in the manifest)
 
 
 @dataclass
@@ -83,6 +91,7 @@ def build_bundle(session: Path | str, out: Path | str, options: BundleOptions = 
         raise BundleError("not a capture session (no session.json); a bundle carries a subject's "
                           "consent, which only a session records", path=str(session))
     consent = require_consent(session, "share")
+    url = _check_url(options.revocations_url)
     key_path = Path(options.key) if options.key is not None else default_key_path()
     if not key_path.exists():
         raise BundleError("no studio signing key; create one with 'twinstudio keys init'",
@@ -121,7 +130,10 @@ def build_bundle(session: Path | str, out: Path | str, options: BundleOptions = 
         atomic_write_json(stage / "metrics.json", {
             "training": {k: v for k, v in train_metrics.items() if k not in ("history", "dataset", "options")},
             "reconstruction": recon_report})
-        if options.generation_kit:
+        no_generate = consent.problem("generate", dt.date.today()) if options.generation_kit else None
+        if no_generate is not None:  # the kit is imagery for generative models: it needs 'generate' too
+            omitted["generation"] = f"the consent does not allow it: {no_generate}"
+        elif options.generation_kit:
             from train.handoff.genkit import KitOptions, build_generation_kit
 
             emit({"event": "stage", "stage": "generation kit", "status": "running"})
@@ -142,6 +154,7 @@ def build_bundle(session: Path | str, out: Path | str, options: BundleOptions = 
             "consent": consent_terms(consent),
             "provenance": _provenance(session, manifest_s, ds, train_metrics, recon_report, options.run),
             "ai_disclosure": {"label": AI_LABEL, "requirement": AI_REQUIREMENT},
+            "revocations": {"issuer": key_id(private_key.public_key())} | ({"url": url} if url else {}),
             "omitted": omitted,
             "files": [{"path": e.path, "size": e.size, "sha256": e.sha256} for e in entries],
         }
@@ -160,6 +173,15 @@ def build_bundle(session: Path | str, out: Path | str, options: BundleOptions = 
         raise
     return BundleResult(out, len(entries) + 2, sum(e.size for e in entries), key_id(private_key.public_key()),
                         manifest, omitted, round(time.perf_counter() - t0, 2))
+
+
+def _check_url(url: str | None) -> str | None:
+    """The revocation-list URL as given, checked: ``scheme://...``, printable, no spaces, at most 2000 characters."""
+    if url is None or url == "":
+        return None
+    if len(url) > 2000 or not re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*://[\x21-\x7e]+", url):
+        raise BundleError(f"revocations URL {url!r} is not a URL (scheme://..., printable ASCII, no spaces)")
+    return url
 
 
 def consent_terms(rec) -> dict:
@@ -190,16 +212,18 @@ recorded in `MANIFEST.json` (consent `{rec.consent_id}`, agency {rec.agency}).
 - **Period**: from {rec.valid_from} until {rec.valid_until} (inclusive). After that date, stop using the twin
   and delete this bundle and everything trained from it.
 - **Compensation**: reference `{rec.compensation_ref}`; uses beyond these terms are not paid for and not allowed.
-- The subject may revoke the consent at any time. `twinstudio verify` checks the studio's revocation list:
-  run it before each use; a revoked or expired consent means stop.
+- The subject may revoke the consent at any time. The studio publishes a signed revocation list
+  (`MANIFEST.json` says where, under `revocations`); import its current version with
+  `twinstudio revocations import FILE` and run `twinstudio verify` before each use: a revoked or expired
+  consent means stop, and a revocation status that is unknown or stale means: fetch the list first.
 
 ## AI disclosure and watermark
 {AI_REQUIREMENT}
 
 ## Licensing to others
 The twin may be passed on only to parties the subject has agreed to, under these same terms, with this
-file and `MANIFEST.json` unchanged (the studio's signature covers them: `twinstudio verify BUNDLE --pubkey
-studio.pub` detects any change).
+file and `MANIFEST.json` unchanged (the studio's signature covers them: with the studio's key pinned,
+`twinstudio keys trust studio.pub --name STUDIO`, `twinstudio verify BUNDLE` detects any change).
 """
 
 

@@ -407,6 +407,13 @@ def build_generation_kit(root: Path | str, out_dir: Path | str, subject_id: str,
     """Write the generation kit of a capture's stills into ``out_dir`` (layout in the module docstring).
 
     Reads ``<root>/recon/cameras.json`` and ``<root>/recon/masks/<take>/``.
+    The kit is imagery made to teach generative models the subject, so a
+    session's consent must cover ``generate`` today: else
+    :class:`capture.consent.ConsentError` (exit 4), before anything is read or
+    written. A virtual render folder (a synthetic person) needs none; any other
+    folder is refused (ConsentInputError, exit 2: no consent can be checked).
+    ``subject_id`` must be the session's subject.
+
     Images with a missing, empty or mis-sized mask, unreadable images and
     cameras absent from ``cameras.json`` are skipped and named in
     ``KitResult.skipped``; an input with nothing left to write raises
@@ -415,11 +422,17 @@ def build_generation_kit(root: Path | str, out_dir: Path | str, subject_id: str,
     """
     import cv2
 
+    from capture.consent import require_session_consent
+
     t0 = time.perf_counter()
     root, out = Path(root), Path(out_dir)
     emit = on_event or (lambda ev: None)
     if not isinstance(subject_id, str) or not subject_id.strip():
         raise KitError(f"subject_id must be a non-empty string, not {subject_id!r}", option="subject_id")
+    consent = require_session_consent(root, "generate")
+    if consent is not None and consent.subject_id != subject_id:
+        raise KitError(f"{root} is a session of subject {consent.subject_id!r}, not {subject_id!r}",
+                       option="subject_id", subject=subject_id)
 
     # ---- validate every input before writing anything
     cameras_path = root / "recon" / "cameras.json"

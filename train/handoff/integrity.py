@@ -15,7 +15,10 @@ files (their names and hashes), never with their size.
 Tampering is not an exception: :func:`verify_integrity` reports it in an
 :class:`IntegrityReport` (``ok=False``) and the caller decides the exit code.
 :class:`BundleError` is for input that cannot be used at all (no bundle, an
-unreadable manifest, a bad key file). Consent terms are checked elsewhere.
+unreadable manifest, a bad key file). Whether the signer is trusted, the
+consent and the revocation status are judged by :mod:`train.handoff.verify`.
+:func:`sign_document` signs other documents (the revocation list) with the
+same scheme as the manifest.
 """
 
 from __future__ import annotations
@@ -189,7 +192,8 @@ def _key_kind(key: object) -> str:
     return type(key).__name__.removeprefix("_").replace("PrivateKey", "").replace("PublicKey", "") or "other"
 
 
-def _raw_public(public_key: Ed25519PublicKey) -> bytes:
+def raw_public_key(public_key: Ed25519PublicKey) -> bytes:
+    """The 32 raw bytes of an Ed25519 public key."""
     from cryptography.hazmat.primitives import serialization
 
     return public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
@@ -197,7 +201,7 @@ def _raw_public(public_key: Ed25519PublicKey) -> bytes:
 
 def key_id(public_key: Ed25519PublicKey) -> str:
     """Short name of a public key: the first 16 hex digits of sha256 of its raw 32 bytes."""
-    return hashlib.sha256(_raw_public(public_key)).hexdigest()[:16]
+    return hashlib.sha256(raw_public_key(public_key)).hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------- hashing
@@ -374,19 +378,34 @@ def hash_tree(root: Path | str, *, exclude: Iterable[str] = RESERVED, workers: i
 # --------------------------------------------------------------------------- signing
 
 
-def sign_manifest(manifest_bytes: bytes, private_key: Ed25519PrivateKey) -> dict[str, Any]:
-    """The SIGNATURE.json document: an Ed25519 signature over the exact bytes of MANIFEST.json."""
+def _signature_doc(data: bytes, private_key: Ed25519PrivateKey, signed: str, sha_field: str) -> dict[str, Any]:
     public = private_key.public_key()
     return {
         "schema": SIGNATURE_SCHEMA,
         "version": SIGNATURE_VERSION,
         "algorithm": "ed25519",
         "key_id": key_id(public),
-        "public_key": base64.b64encode(_raw_public(public)).decode("ascii"),
-        "signature": base64.b64encode(private_key.sign(manifest_bytes)).decode("ascii"),
-        "signed": MANIFEST,
-        "manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest(),
+        "public_key": base64.b64encode(raw_public_key(public)).decode("ascii"),
+        "signature": base64.b64encode(private_key.sign(data)).decode("ascii"),
+        "signed": signed,
+        sha_field: hashlib.sha256(data).hexdigest(),
     }
+
+
+def sign_manifest(manifest_bytes: bytes, private_key: Ed25519PrivateKey) -> dict[str, Any]:
+    """The SIGNATURE.json document: an Ed25519 signature over the exact bytes of MANIFEST.json."""
+    return _signature_doc(manifest_bytes, private_key, MANIFEST, "manifest_sha256")
+
+
+def sign_document(data: bytes, private_key: Ed25519PrivateKey, *, signed: str) -> dict[str, Any]:
+    """The same signature document as SIGNATURE.json, over other bytes (``signed`` names them).
+
+    The hash of the signed bytes is in ``sha256``. One scheme for everything the
+    studio signs: the bundle's manifest and its revocation list.
+    """
+    if signed == MANIFEST:
+        raise ValueError(f"sign {MANIFEST} with sign_manifest")
+    return _signature_doc(data, private_key, signed, "sha256")
 
 
 def _b64(value: object, n: int) -> bytes | None:
@@ -401,54 +420,70 @@ def _b64(value: object, n: int) -> bytes | None:
 
 
 @dataclass(frozen=True)
-class _SignatureCheck:
-    valid: bool  # well-formed, and the signature verifies with the embedded key
-    key_id: str | None  # id of the embedded key
-    trusted: bool  # a trusted key was given and it is the embedded key
+class SignatureCheck:
+    """What checking a signature document found."""
+
+    valid: bool  #: well-formed, and the signature verifies with the embedded key
+    key_id: str | None  #: id of the embedded key
+    trusted: bool  #: a trusted key was given and it is the embedded key
     problems: list[str]
+    public_key: bytes | None = None  #: the embedded raw Ed25519 public key (32 bytes)
 
 
-def _check_signature(manifest_bytes: bytes, doc: object, trusted: Ed25519PublicKey | None) -> _SignatureCheck:
+
+def _check_signature(data: bytes, doc: object, trusted: Ed25519PublicKey | None, *, signed: str = MANIFEST,
+                     where: str = SIGNATURE) -> SignatureCheck:
+    """Check a signature document over ``data``; ``signed`` is what it must say it signs, ``where``
+    names the document in the problems (SIGNATURE.json, or the file holding it)."""
     from cryptography.exceptions import InvalidSignature
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
     if not isinstance(doc, dict):
-        return _SignatureCheck(False, None, False, [f"{SIGNATURE} is not a JSON object"])
+        return SignatureCheck(False, None, False, [f"{where} is not a JSON object"])
+    sha_field = "manifest_sha256" if signed == MANIFEST else "sha256"
     problems = []
-    expected = {"schema": SIGNATURE_SCHEMA, "version": SIGNATURE_VERSION, "algorithm": "ed25519", "signed": MANIFEST}
+    expected = {"schema": SIGNATURE_SCHEMA, "version": SIGNATURE_VERSION, "algorithm": "ed25519", "signed": signed}
     for name, want in expected.items():
         if doc.get(name) != want:
-            problems.append(f"{SIGNATURE}: {name} is {doc.get(name)!r}, expected {want!r}")
+            problems.append(f"{where}: {name} is {doc.get(name)!r}, expected {want!r}")
     raw_key = _b64(doc.get("public_key"), 32)
     signature = _b64(doc.get("signature"), 64)
     if raw_key is None:
-        problems.append(f"{SIGNATURE}: public_key is not a base64 Ed25519 public key (32 bytes)")
+        problems.append(f"{where}: public_key is not a base64 Ed25519 public key (32 bytes)")
     if signature is None:
-        problems.append(f"{SIGNATURE}: signature is not a base64 Ed25519 signature (64 bytes)")
+        problems.append(f"{where}: signature is not a base64 Ed25519 signature (64 bytes)")
     if raw_key is None or signature is None:
-        return _SignatureCheck(False, None, False, problems)
+        return SignatureCheck(False, None, False, problems)
 
     public = Ed25519PublicKey.from_public_bytes(raw_key)
     kid = key_id(public)
     if doc.get("key_id") != kid:
-        problems.append(f"{SIGNATURE}: key_id {doc.get('key_id')!r} is not the id of its public key ({kid})")
-    sha = hashlib.sha256(manifest_bytes).hexdigest()
+        problems.append(f"{where}: key_id {doc.get('key_id')!r} is not the id of its public key ({kid})")
+    sha = hashlib.sha256(data).hexdigest()
     try:
-        public.verify(signature, manifest_bytes)
+        public.verify(signature, data)
     except InvalidSignature:
-        if doc.get("manifest_sha256") != sha:
-            problems.append(f"{MANIFEST} was changed after it was signed (its sha256 is {sha}, "
-                            f"the signed one {doc.get('manifest_sha256')})")
+        if doc.get(sha_field) != sha:
+            problems.append(f"{signed} was changed after it was signed (its sha256 is {sha}, "
+                            f"the signed one {doc.get(sha_field)})")
         else:
-            problems.append(f"{SIGNATURE}: the signature does not verify with key {kid}")
+            problems.append(f"{where}: the signature does not verify with key {kid}")
     else:
-        if doc.get("manifest_sha256") != sha:
-            problems.append(f"{SIGNATURE}: manifest_sha256 is not the sha256 of {MANIFEST} ({sha})")
+        if doc.get(sha_field) != sha:
+            problems.append(f"{where}: {sha_field} is not the sha256 of {signed} ({sha})")
     valid = not problems
-    is_trusted = trusted is not None and _raw_public(trusted) == raw_key
+    is_trusted = trusted is not None and raw_public_key(trusted) == raw_key
     if trusted is not None and not is_trusted:
         problems.append(f"signed by key {kid}, not the trusted key {key_id(trusted)}")
-    return _SignatureCheck(valid, kid, is_trusted and valid, problems)
+    return SignatureCheck(valid, kid, is_trusted and valid, problems, raw_key)
+
+
+def check_document(data: bytes, doc: object, *, signed: str, where: str) -> SignatureCheck:
+    """Check a :func:`sign_document` signature over ``data`` with the key embedded in it.
+
+    Whether that key is trusted is the caller's to judge (``public_key`` is the raw key).
+    """
+    return _check_signature(data, doc, None, signed=signed, where=where)
 
 
 def check_signature(manifest_bytes: bytes, signature_doc: dict[str, Any],
@@ -626,6 +661,7 @@ class IntegrityReport:
     bytes: int = 0  #: payload bytes read and hashed
     seconds: float = 0.0  #: wall time of the verification
     manifest: dict[str, Any] | None = None  #: MANIFEST.json as parsed
+    public_key: bytes | None = None  #: the raw Ed25519 key embedded in SIGNATURE.json (when well-formed)
 
 
 @dataclass
@@ -806,7 +842,7 @@ def verify_integrity(bundle: Path | str, *, trusted: Ed25519PublicKey | None = N
         raise BundleError("no such bundle (folder or .tar)", path=bundle)
 
     problems: list[str] = []
-    sig = _SignatureCheck(False, None, False, [])
+    sig = SignatureCheck(False, None, False, [])
     if scan.signature_bytes is None:
         problems.append(f"{SIGNATURE} is missing: the bundle is not signed")
     else:
@@ -845,4 +881,4 @@ def verify_integrity(bundle: Path | str, *, trusted: Ed25519PublicKey | None = N
     return IntegrityReport(
         ok=sig.valid and not problems, signature_ok=sig.valid, key_id=sig.key_id, trusted=sig.trusted,
         problems=problems, changed=changed, missing=missing, extra=extra, files=scan.files, bytes=scan.bytes,
-        seconds=time.perf_counter() - t0, manifest=scan.manifest)
+        seconds=time.perf_counter() - t0, manifest=scan.manifest, public_key=sig.public_key)

@@ -1,0 +1,96 @@
+"""A small real session with a stand-in trained twin: what ``twinstudio bundle`` needs, in a few seconds.
+
+The session is captured for real (the virtual studio's stills of
+``virtual-ring-24`` at 1/10 scale, through the orchestrator, journal and
+hashes), its cameras and masks are the virtual studio's ground truth (as in
+test_bundle.py) and its nerfstudio dataset is exported for real. Only the
+training run is a stand-in: a 64-Gaussian splat written by the real PLY
+writer and a metrics.json, because bundling copies a run, it does not train
+one (test_bundle.py bundles a really trained twin).
+
+Call it from a test or fixture (the renderer starts worker processes, which
+needs an importable ``__main__``, as pytest's is).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+SUBJECT = "subj-007"
+ALL_SCOPES = ("capture", "train", "generate", "share")
+
+
+def consent(scopes=ALL_SCOPES, *, days: int = 30, subject: str = SUBJECT):
+    from capture.consent import ConsentRecord
+
+    today = dt.date.today()
+    return ConsentRecord(subject_id=subject, agency="Nova Models", scopes=list(scopes), purposes=["e-commerce"],
+                         markets=["EU"], valid_from=today, valid_until=today + dt.timedelta(days=days),
+                         compensation_ref="INV-7", document_sha256="a" * 64)
+
+
+def make_session(root: Path, scopes=ALL_SCOPES, *, render_scale: float = 0.1) -> Path:
+    """A session at ``root``: consent for ``scopes``, a stills take, cameras, masks, dataset, run ``twin``."""
+    from capture.consent import add_consent
+    from capture.orchestrator import CaptureOptions, prepare_virtual_studio, run_take
+    from capture.session import Session
+    from reconstruct.colmap_io import write_colmap_text
+    from reconstruct.inputs import GroundTruth, write_cameras
+    from train.dataset import export_dataset
+    from train.splat_ply import SplatParams, write_splat_ply
+
+    s = Session.create(root, "virtual-ring-24", SUBJECT)
+    add_consent(root, consent(("capture", "train")))  # capture and export need these; the bundle's record follows
+    opts = CaptureOptions(render_scale=render_scale)
+    prepare_virtual_studio(s, ("stills",), opts)
+    take = run_take(s, "stills", opts).id
+    gt = GroundTruth.find(root)
+    cams = gt.cameras()
+    write_cameras(root / "recon" / "cameras.json", cams.values(), method="ground-truth")
+    write_colmap_text(root / "recon" / "colmap", list(cams.values()))
+    for src in gt.take_dir(take).glob("cam*/*.mask.png"):
+        dst = root / "recon" / "masks" / take / src.parent.name / src.name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src, dst)
+    export_dataset(root)
+    run = root / "train" / "twin"
+    run.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    n = 64
+    write_splat_ply(run / "splat.ply", SplatParams(
+        means=rng.normal(0, 0.2, (n, 3)) + [0, 0, 1], log_scales=np.full((n, 3), -4.0),
+        quats=np.tile([1.0, 0, 0, 0], (n, 1)), opacity_logits=np.zeros(n), sh_dc=rng.normal(0, 0.5, (n, 3)),
+        sh_rest=np.zeros((n, 0, 3))))
+    (run / "metrics.json").write_text(json.dumps({"method": "twin-splat", "iterations": 0, "device": "cpu",
+                                                  "downscale": 8, "note": "stand-in run for bundle tests"}))
+    # the record the bundle carries replaces the set-up one
+    doc = json.loads((root / "consent.json").read_text())
+    doc["records"][0]["scopes"] = list(scopes)
+    (root / "consent.json").write_text(json.dumps(doc))
+    return root
+
+
+def file_ids(root: Path) -> dict[tuple[int, int], str]:
+    """``{(st_dev, st_ino): relative path}`` of every regular file under ``root`` (symlinks not followed)."""
+    out = {}
+    for p in root.rglob("*"):
+        st = p.lstat()
+        if p.is_file() and not p.is_symlink():
+            out[(st.st_dev, st.st_ino)] = p.relative_to(root).as_posix()
+    return out
+
+
+def twinstudio(*args, home: Path, timeout: float = 300):
+    """Run the real CLI in a subprocess with ``TWINSTUDIO_HOME=home``; returns the CompletedProcess."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TWINSTUDIO_HOME": str(home), "COLUMNS": "250"}
+    return subprocess.run([sys.executable, "-m", "twinstudio", *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=timeout)
