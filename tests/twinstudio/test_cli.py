@@ -135,7 +135,8 @@ def test_demo_full_size(tmp_path):
     from train.handoff.verify import verify_bundle
 
     bundle = out / "bundle-demo-subject-001.tar"
-    assert verify_bundle(bundle, pubkey=out / "keys" / "studio.pub").exit_code == 0
+    assert verify_bundle(bundle, pubkey=out / "keys" / "studio.pub",
+                         revocations=out / "revocations.json").exit_code == 0
 
 
 CONSENT = ["--subject", "subj-042", "--agency", "Nova", "--scope", "capture", "--purpose", "e-commerce",
@@ -145,7 +146,7 @@ CONSENT = ["--subject", "subj-042", "--agency", "Nova", "--scope", "capture", "-
 def test_capture_cli_refuses_without_consent_then_shoots_reports_and_reshoots(tmp_path, capsys):
     s = str(tmp_path / "s")
     assert main(["capture", "start", "--session", s, "--rig", "virtual-ring-24", "--subject", "subj-042"]) == 0
-    assert main(["capture", "stills", "--session", s, "--virtual-source", "pattern", "--plain"]) == 2
+    assert main(["capture", "stills", "--session", s, "--virtual-source", "pattern", "--plain"]) == 4
     assert "no consent recorded" in capsys.readouterr().err
     doc = tmp_path / "signed.pdf"
     doc.write_bytes(b"%PDF signed consent")
@@ -163,7 +164,7 @@ def test_capture_cli_refuses_without_consent_then_shoots_reports_and_reshoots(tm
     assert main(["capture", "stills", "--session", s, "--rig", "webcams-4"]) == 2  # not the session's rig
     assert "differs" in capsys.readouterr().err
     assert main(["consent", "revoke", "--session", s, "--reason", "withdrawn"]) == 0
-    assert main(["capture", "motion", "--session", s, "--virtual-source", "pattern", "--plain"]) == 2
+    assert main(["capture", "motion", "--session", s, "--virtual-source", "pattern", "--plain"]) == 4
     assert "revoked" in capsys.readouterr().err
 
 
