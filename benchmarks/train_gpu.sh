@@ -20,7 +20,8 @@ SITE=${SITE:-/tmp/site}
 RUNS=${RUNS:-/tmp/ns_runs}
 mkdir -p "$RESULTS"
 bash .gpukit/install.sh "$SITE" >/dev/null
-export PYTHONPATH="$SITE:$(pwd)" TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 PYTHONUNBUFFERED=1
+# no TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD: train_gpu_eval.py loads checkpoints with weights_only=True (train.config)
+export PYTHONPATH="$SITE:$(pwd)" PYTHONUNBUFFERED=1
 export NERFSTUDIO_METHOD_CONFIGS="twin-splat=train.config:twin_splat"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$RESULTS/gpu.txt"
 for METHOD in twin-splat splatfacto; do

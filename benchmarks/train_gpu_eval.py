@@ -8,6 +8,9 @@ truth is composited with the subject mask onto the render's background
 Prints per method and checkpoint the mean figures, then the minutes to reach
 30 dB (training wall time from RESULTS/summary.txt, pro rata to the step).
 Runs on the GPU machine with only nerfstudio's dependencies (no twinstudio set-up).
+Runs are read without running code from them (no TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD):
+config.yml through train.config.read_run_config, checkpoints through
+train.config.load_checkpoint (weights_only=True).
 """
 
 from __future__ import annotations
@@ -44,9 +47,24 @@ def score(pipeline) -> dict:
     return {"psnr": sum(psnr) / len(psnr), "psnr_subject": sum(subj) / len(subj), "images": len(psnr)}
 
 
-def main(argv: list[str]) -> int:
-    from nerfstudio.utils.eval_utils import eval_setup
+def load(cfg_path: Path, step: int):
+    """nerfstudio's eval_setup at a checkpoint, with the run read by train.config's safe readers."""
+    from nerfstudio.configs.method_configs import all_methods
 
+    from train.config import load_checkpoint, read_run_config
+
+    config = read_run_config(cfg_path)
+    config.pipeline.datamanager._target = all_methods[config.method_name].pipeline.datamanager._target
+    config.load_dir = config.get_checkpoint_dir()
+    state = load_checkpoint(config.load_dir / f"step-{step:09d}.ckpt")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    pipeline = config.pipeline.setup(device=device, test_mode="test")
+    pipeline.eval()
+    pipeline.load_pipeline(state["pipeline"], state["step"])
+    return pipeline
+
+
+def main(argv: list[str]) -> int:
     runs, results = Path(argv[1]), Path(argv[2])
     walls = {m.group(1): (float(m.group(2)), int(m.group(3))) for m in re.finditer(
         r"^(\S+) train_wall_s ([\d.]+) iterations (\d+)", (results / "summary.txt").read_text(), re.M)}
@@ -57,11 +75,7 @@ def main(argv: list[str]) -> int:
         steps = sorted(int(p.stem.split("-")[1]) for p in (method_dir / "run" / "nerfstudio_models").glob("*.ckpt"))
         rows = []
         for step in steps:
-            def at_step(c, step=step):
-                c.load_step = step
-                return c
-
-            _, pipeline, _, _ = eval_setup(cfg_path, test_mode="test", update_config_callback=at_step)
+            pipeline = load(cfg_path, step)
             s = score(pipeline)
             s["step"] = step
             s["gaussians"] = int(pipeline.model.num_points)

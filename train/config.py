@@ -5,13 +5,28 @@ own tools; :mod:`train.runner` trains it from Python with twinstudio's dashboard
 Optimiser settings are splatfacto's, with the position learning rate in studio
 metres (splatfacto's assumes poses scaled into [-1, 1]; a studio ring has a
 radius of about 3 m) and two more groups for the appearance codes.
+
+A run folder may come from elsewhere, so reading one runs no code:
+:func:`read_run_config` reads ``config.yml`` with a YAML loader that builds
+only nerfstudio's and twinstudio's config classes (and paths, tuples, their
+enums), and :func:`load_checkpoint` loads a checkpoint with
+``weights_only=True``, allowing for that one call only the few numpy globals
+nerfstudio's checkpoints hold.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import enum
+import importlib
+import inspect
+import pathlib
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
+
+import yaml
 
 from nerfstudio.configs.base_config import ViewerConfig
 from nerfstudio.data.datamanagers.full_images_datamanager import FullImageDatamanagerConfig
@@ -21,6 +36,7 @@ from nerfstudio.engine.trainer import TrainerConfig
 from nerfstudio.pipelines.base_pipeline import VanillaPipelineConfig
 from nerfstudio.plugins.types import MethodSpecification
 
+from train.dataset import TrainError
 from train.method import TwinDataParserConfig, TwinSplatModelConfig
 
 METHOD_NAME = "twin-splat"
@@ -85,4 +101,181 @@ twin_splat = MethodSpecification(
                 "per lighting preset, studio metres, CPU-capable, no downloads",
 )
 
-__all__ = ["METHOD_NAME", "TwinTrainerConfig", "optimizers", "twin_splat", "twin_splat_config"]
+# ----------------------------------------------------------------------------- reading a run folder safely
+
+#: modules whose config dataclasses, enums and classes a run's config.yml may name
+CONFIG_MODULES = ("nerfstudio", "train")
+#: ... and where its classes named by reference (``_target``, optimisers) may also live
+CLASS_MODULES = (*CONFIG_MODULES, "torch.optim")
+#: functions (not classes) a config may name: nerfstudio's data managers' ``collate_fn``
+CONFIG_FUNCTIONS = ("nerfstudio.data.utils.nerfstudio_collate.nerfstudio_collate",)
+_PATHS = (pathlib.Path, pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePath, pathlib.PurePosixPath,
+          pathlib.PureWindowsPath)
+_PY = "tag:yaml.org,2002:python/"
+
+
+def _in(module: str, prefixes: tuple[str, ...]) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in prefixes)
+
+
+def _resolve(name: str, prefixes: tuple[str, ...], node) -> Any:
+    """The object ``module.attr`` names, importing ``module`` only when it lies under ``prefixes``."""
+    module, _, attr = name.rpartition(".")
+    if not module or not _in(module, prefixes):
+        raise yaml.constructor.ConstructorError(None, None, f"refused {name!r}: only names from "
+                                                f"{', '.join(prefixes)} are read", node.start_mark)
+    try:
+        obj = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise yaml.constructor.ConstructorError(None, None, f"cannot find {name!r}: {e}", node.start_mark) from e
+    if not _in(getattr(obj, "__module__", "") or "", prefixes):  # a name re-exported from elsewhere (os.system)
+        raise yaml.constructor.ConstructorError(None, None, f"refused {name!r}: defined in {obj.__module__!r}",
+                                                node.start_mark)
+    return obj
+
+
+class RunConfigLoader(yaml.SafeLoader):
+    """YAML's safe loader plus the few python tags nerfstudio's ``config.yml`` uses, each restricted:
+
+    - ``!!python/object:C`` only for dataclasses of nerfstudio / twinstudio (built without calling
+      anything: ``C.__new__`` and the mapping as the instance's fields);
+    - ``!!python/name:X`` only for classes of nerfstudio, twinstudio or ``torch.optim`` (and
+      nerfstudio's collate function), which nerfstudio later instantiates;
+    - ``!!python/object/apply:F`` only for pathlib paths, nerfstudio's / twinstudio's enums and
+      ``operator.getitem`` of such classes (a generic data manager);
+    - ``!!python/tuple``.
+
+    Every other python tag (``object/apply:os.system``, ``object/new``, ``module``, ...) is refused.
+    """
+
+
+def _construct_object(loader: RunConfigLoader, suffix: str, node):
+    cls = _resolve(suffix, CONFIG_MODULES, node)
+    if not (inspect.isclass(cls) and dataclasses.is_dataclass(cls)):
+        raise yaml.constructor.ConstructorError(None, None, f"refused {suffix!r}: not a config dataclass",
+                                                node.start_mark)
+    obj = cls.__new__(cls)
+    yield obj
+    state = loader.construct_mapping(node, deep=True) if isinstance(node, yaml.MappingNode) else {}
+    if not all(isinstance(k, str) for k in state):
+        raise yaml.constructor.ConstructorError(None, None, f"{suffix}: field names must be strings",
+                                                node.start_mark)
+    obj.__dict__.update(state)
+
+
+def _construct_name(loader: RunConfigLoader, suffix: str, node):
+    if suffix in CONFIG_FUNCTIONS:
+        return _resolve(suffix, CONFIG_MODULES, node)
+    obj = _resolve(suffix, CLASS_MODULES, node)
+    if not inspect.isclass(obj):
+        raise yaml.constructor.ConstructorError(None, None, f"refused {suffix!r}: not a class", node.start_mark)
+    return obj
+
+
+def _construct_apply(loader: RunConfigLoader, suffix: str, node):
+    if isinstance(node, yaml.SequenceNode):
+        args, kwds = loader.construct_sequence(node, deep=True), {}
+    else:
+        value = loader.construct_mapping(node, deep=True)
+        extra = set(value) - {"args", "kwds"}
+        if extra:
+            raise yaml.constructor.ConstructorError(None, None, f"refused {suffix!r} with {sorted(extra)}",
+                                                    node.start_mark)
+        args, kwds = list(value.get("args", [])), dict(value.get("kwds", {}))
+    if suffix == "_operator.getitem":
+        if kwds or len(args) != 2 or not all(inspect.isclass(a) for a in args):
+            raise yaml.constructor.ConstructorError(None, None, "refused operator.getitem of anything but two "
+                                                    "classes", node.start_mark)
+        return args[0][args[1]]
+    if suffix.startswith("pathlib."):
+        fn = getattr(pathlib, suffix.partition(".")[2], None)
+        if fn not in _PATHS or kwds or not all(isinstance(a, str) for a in args):
+            raise yaml.constructor.ConstructorError(None, None, f"refused {suffix!r}", node.start_mark)
+        return fn(*args)
+    fn = _resolve(suffix, CONFIG_MODULES, node)
+    if not (inspect.isclass(fn) and issubclass(fn, enum.Enum)) or kwds or len(args) != 1:
+        raise yaml.constructor.ConstructorError(None, None, f"refused {suffix!r}: only paths and enums are "
+                                                "built", node.start_mark)
+    return fn(args[0])
+
+
+def _refuse(loader: RunConfigLoader, suffix: str, node):
+    raise yaml.constructor.ConstructorError(None, None, f"refused the tag {node.tag!r}", node.start_mark)
+
+
+RunConfigLoader.add_multi_constructor(_PY + "object:", _construct_object)
+RunConfigLoader.add_multi_constructor(_PY + "name:", _construct_name)
+RunConfigLoader.add_multi_constructor(_PY + "object/apply:", _construct_apply)
+RunConfigLoader.add_constructor(_PY + "tuple", lambda loader, node: tuple(loader.construct_sequence(node)))
+RunConfigLoader.add_multi_constructor(_PY, _refuse)
+RunConfigLoader.add_multi_constructor("!", _refuse)
+
+
+def read_run_config(path: Path | str) -> TrainerConfig:
+    """A run's ``config.yml`` (nerfstudio's TrainerConfig) read with :class:`RunConfigLoader`: runs no code.
+
+    Raises TrainError (exit 2) naming the file and the refused tag for anything else.
+    """
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise TrainError(f"{p} does not exist: not a training run", path=str(p)) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise TrainError(f"{p}: cannot read: {e}", path=str(p)) from e
+    try:
+        cfg = yaml.load(text, Loader=RunConfigLoader)  # noqa: S506 - RunConfigLoader is restricted, see above
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        what = " ".join(str(getattr(e, "problem", None) or e).split())
+        raise TrainError(f"{p}{where}: not read: {what} (a run config may hold only nerfstudio's and "
+                         "twinstudio's settings)", path=str(p)) from e
+    except RecursionError:
+        raise TrainError(f"{p}: nested too deeply to read", path=str(p)) from None
+    if not isinstance(cfg, TrainerConfig):
+        raise TrainError(f"{p}: not a nerfstudio run config (got {type(cfg).__name__})", path=str(p))
+    return cfg
+
+
+def checkpoint_globals() -> list:
+    """What nerfstudio's checkpoints hold beyond tensors: numpy scalars (a learning rate saved as
+    ``numpy.float64``) with their dtypes, under numpy 1's and numpy 2's module names."""
+    import numpy as np
+
+    try:
+        from numpy._core.multiarray import scalar
+    except ImportError:  # numpy < 1.26
+        from numpy.core.multiarray import scalar
+    dtypes = {type(np.dtype(t)) for t in (np.float64, np.float32, np.float16, np.int64, np.int32, np.uint8,
+                                          np.bool_)}
+    return [(scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar"), np.dtype,
+            *sorted(dtypes, key=lambda t: t.__name__)]
+
+
+def load_checkpoint(path: Path | str) -> dict:
+    """A nerfstudio checkpoint loaded with ``weights_only=True`` (tensors, containers and
+    :func:`checkpoint_globals` only, allowed for this call): a crafted pickle raises TrainError (exit 2)."""
+    import pickle
+
+    import torch
+
+    p = Path(path)
+    try:
+        with torch.serialization.safe_globals(checkpoint_globals()):
+            state = torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        why = " ".join(str(e).split())
+        m = re.search(r"WeightsUnpickler error: (.*?)(?: Check the documentation|$)", why)
+        why = (m.group(1) if m else why[:300]).split(". Please use")[0].split(" Please use")[0]
+        raise TrainError(f"{p}: refused: a checkpoint may hold only tensors and plain values ({why})",
+                         path=str(p)) from None
+    except (OSError, RuntimeError, EOFError, ValueError) as e:
+        raise TrainError(f"{p}: not a readable checkpoint: {e}", path=str(p)) from e
+    if not isinstance(state, dict) or not {"step", "pipeline"} <= set(state):
+        raise TrainError(f"{p}: not a nerfstudio checkpoint (no step and pipeline)", path=str(p))
+    return state
+
+
+__all__ = ["METHOD_NAME", "RunConfigLoader", "TwinTrainerConfig", "checkpoint_globals", "load_checkpoint",
+           "optimizers", "read_run_config", "twin_splat", "twin_splat_config"]

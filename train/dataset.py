@@ -17,13 +17,18 @@ The dataset is what nerfstudio's ``nerfstudio-data`` dataparser reads:
 
 Positions stay in the studio's frame (metres, z up): twin-splat's dataparser
 applies no re-orientation or scaling, so a trained splat is already where the
-mesh, the cameras and the motion trajectories are. Images are hard-linked (or
-copied) from the take, never rewritten.
+mesh, the cameras and the motion trajectories are. Images are copied from the
+take (a copy-on-write clone where the file system offers one, never a hard
+link: the export shares no inode with the session), never rewritten.
+
+Every function here that reads or writes the subject's imagery first asks the
+shared consent gate for scope ``train`` (:func:`require_train_consent`).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -47,6 +52,67 @@ class TrainError(TwinstudioError):
     """Training inputs or settings are unusable (exit code 2): names the file, take or camera."""
 
     exit_code = 2
+
+
+def require_train_consent(root: Path | str) -> dict | None:
+    """The consent terms that allow training on ``root``'s imagery today, or None for a virtual render.
+
+    The shared gate (:func:`capture.consent.require_session_consent`, scope ``train``): ConsentError
+    (exit 4) when no record of the session's subject allows it (expired, revoked, no ``train`` scope,
+    another subject's), ConsentInputError (exit 2) for a folder that is neither a session nor a render.
+    """
+    from capture.consent import require_session_consent
+
+    rec = require_session_consent(Path(root), "train")
+    if rec is None:
+        return None
+    return {"consent_id": rec.consent_id, "subject_id": rec.subject_id, "valid_until": str(rec.valid_until)}
+
+
+def require_dataset_consent(doc: dict, root: Path | str | None = None) -> dict | None:
+    """The gate for an exported dataset: the consent of the session it was exported from (its
+    ``twinstudio.source``), unless that is ``root``, already checked. A dataset whose source is gone
+    cannot be checked: ConsentInputError (exit 2)."""
+    src = (doc.get("twinstudio") or {}).get("source")
+    if not src:
+        raise TrainError("the dataset names no source session, so no consent can be checked")
+    if root is not None and Path(src).resolve() == Path(root).resolve():
+        return None
+    return require_train_consent(src)
+
+
+def finite_or_none(value) -> float | None:
+    """``float(value)``, or None when it is NaN or infinite (files hold no NaN: an undefined figure is None)."""
+    if hasattr(value, "detach"):  # a torch scalar
+        value = value.detach()
+    try:
+        v = float(value)
+    except (TypeError, ValueError, RuntimeError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def json_safe(obj, path: str = "", undefined: dict | None = None):
+    """A copy of ``obj`` with every NaN / infinite float replaced by None.
+
+    A replaced figure that no ``undefined`` entry explains yet is added to the top-level dict's
+    ``undefined`` (``{"eval.per_camera.cam04.psnr": "not finite (nan)"}``), so the file says why.
+    """
+    top = undefined is None
+    if top:
+        undefined = dict(obj.get("undefined") or {}) if isinstance(obj, dict) else {}
+    if isinstance(obj, float) and not math.isfinite(obj):
+        undefined.setdefault(path.lstrip("."), f"not finite ({obj})")
+        out = None
+    elif isinstance(obj, dict):
+        out = {k: json_safe(v, f"{path}.{k}", undefined) for k, v in obj.items()}
+    elif isinstance(obj, (list, tuple)):
+        out = [json_safe(v, f"{path}[{i}]", undefined) for i, v in enumerate(obj)]
+    else:
+        out = obj
+    if top and isinstance(out, dict) and undefined:
+        out["undefined"] = undefined
+    return out
 
 
 @dataclass(frozen=True)
@@ -120,9 +186,13 @@ def export_dataset(root: Path | str, out_dir: Path | str | None = None, options:
     ``<root>/recon/masks`` and ``mesh_path`` to the take's reconstructed mesh;
     the masks are required (the twin is trained against them), the mesh is not
     (without it training starts from random points in the capture volume).
+
+    The session's consent must allow ``train`` today (:func:`require_train_consent`), checked
+    before anything is read or written.
     """
     t0 = time.perf_counter()
     root = Path(root)
+    consent = require_train_consent(root)
     emit = on_event or (lambda ev: None)
     out = Path(out_dir) if out_dir is not None else default_dataset_dir(root)
     cameras_path = Path(cameras_path) if cameras_path is not None else root / "recon" / "cameras.json"
@@ -215,7 +285,7 @@ def export_dataset(root: Path | str, out_dir: Path | str | None = None, options:
         "take": take, "takes": takes, "cameras_json": str(cameras_path.resolve()),
         "cameras_method": json.loads(cameras_path.read_text()).get("method"),
         "holdout": holdout, "presets": presets, "volume": _volume(root), "seed_points": points,
-        "downscales": list(options.downscales), "skipped": skipped,
+        "downscales": list(options.downscales), "skipped": skipped, "consent": consent,
     }
     atomic_write_json(out / "transforms.json", doc)
     emit({"event": "progress", "stage": "export", "done": len(items), "total": len(items)})
@@ -325,5 +395,6 @@ def _write_downscaled(out: Path, name: str, suffix: str, img_path: Path, mask: n
 
 
 __all__ = ["DATASET_SCHEMA", "ExportOptions", "ExportResult", "TrainError", "default_dataset_dir",
-           "default_holdout", "export_dataset", "frame_lighting", "nerfstudio_intrinsics", "read_dataset",
+           "default_holdout", "export_dataset", "finite_or_none", "frame_lighting", "json_safe",
+           "nerfstudio_intrinsics", "read_dataset", "require_dataset_consent", "require_train_consent",
            "write_seed_points"]

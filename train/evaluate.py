@@ -4,6 +4,13 @@ Ground truth and render are both composited onto the same background with the
 subject mask as alpha, so the figure measures the person, not the backdrop the
 twin was never meant to learn. A few side-by-side images (ground truth |
 render | error) are written to ``<run>/eval/`` for people to look at.
+
+A figure that is undefined (LPIPS without its weights, a PSNR of identical
+images) is None in ``eval.json``, with the reason under ``undefined``, never NaN.
+Re-evaluating a run (:func:`reevaluate_run`) reads the session's held-out
+images, so it asks the consent gate for ``train`` first, and reads the run
+folder without running code (:func:`train.config.read_run_config`,
+:func:`train.config.load_checkpoint`).
 """
 
 from __future__ import annotations
@@ -17,17 +24,25 @@ import numpy as np
 
 from rigs.fileio import atomic_write_bytes, atomic_write_json
 from rigs.pngio import encode_png
+from train.dataset import TrainError, finite_or_none, json_safe
 
 
 def evaluate_pipeline(pipeline, run_dir: Path | str, *, side_by_side: int = 4,
                       on_event: Callable[[dict], None] | None = None) -> dict:
-    """Score every held-out image; writes ``<run>/eval/eval.json`` and side-by-side PNGs; returns the summary."""
+    """Score every held-out image; writes ``<run>/eval/eval.json`` and side-by-side PNGs; returns the summary.
+
+    The images are the subject's: the consent of the session the pipeline's dataset came from must
+    allow ``train`` today (checked before anything is written).
+    """
     import torch
 
+    from train.dataset import read_dataset, require_dataset_consent
+
+    dm = pipeline.datamanager
+    require_dataset_consent(read_dataset(dm.config.dataparser.data))
     emit = on_event or (lambda ev: None)
     out = Path(run_dir) / "eval"
     out.mkdir(parents=True, exist_ok=True)
-    dm = pipeline.datamanager
     model = pipeline.model
     dataset = dm.eval_dataset
     cached = dm.cached_eval
@@ -47,7 +62,7 @@ def evaluate_pipeline(pipeline, run_dir: Path | str, *, side_by_side: int = 4,
             lighting = model.lighting_of(camera)
             cam = names[i].split("_")[0]
             row = {"image": names[i], "camera": cam, "lighting": model.presets[lighting],
-                   **{k: None if math.isnan(v) else round(v, 5) for k, v in metrics.items()}}
+                   **{k: _figure(v) for k, v in metrics.items()}}
             rows.append(row)
             if len(shown) < side_by_side and cam not in shown:
                 shown.add(cam)
@@ -64,13 +79,38 @@ def evaluate_pipeline(pipeline, run_dir: Path | str, *, side_by_side: int = 4,
     summary["per_lighting"] = {k: {"images": len(v), **_means(v)} for k, v in by_l.items()}
     summary["per_camera"] = {k: {"images": len(v), **_means(v)} for k, v in sorted(by_c.items())}
     summary["side_by_side"] = [r["side_by_side"] for r in rows if "side_by_side" in r]
-    atomic_write_json(out / "eval.json", {"summary": summary, "images": rows})
+    undefined = _why_undefined(summary, rows, model)
+    if undefined:
+        summary["undefined"] = undefined
+    summary = json_safe(summary)
+    atomic_write_json(out / "eval.json", json_safe({"summary": summary, "images": rows}))
     return summary
+
+
+def _figure(v) -> float | None:
+    """A metric as a rounded float, None when undefined (NaN: not computed; inf: identical images)."""
+    f = finite_or_none(v)
+    return None if f is None else round(f, 5)
+
+
+def _why_undefined(summary: dict, rows: list[dict], model) -> dict[str, str]:
+    """Why each of the summary's figures that is None is so (the files hold None, never NaN)."""
+    why = {}
+    for key in ("psnr", "psnr_subject", "ssim", "lpips"):
+        if summary.get(key) is not None:
+            continue
+        if not rows:
+            why[key] = "no held-out image to evaluate"
+        elif key == "lpips" and not getattr(getattr(model, "lpips", None), "available", True):
+            why[key] = "not computed: LPIPS's AlexNet weights are not on this machine (never downloaded)"
+        else:
+            why[key] = "undefined on every held-out image (not computed, or identical images)"
+    return why
 
 
 def _means(rows: list[dict]) -> dict:
     def mean(key: str) -> float | None:
-        vals = [r[key] for r in rows if r.get(key) is not None and not math.isnan(r[key])]
+        vals = [r[key] for r in rows if finite_or_none(r.get(key)) is not None]
         return round(float(np.mean(vals)), 4) if vals else None
 
     return {"psnr": mean("psnr"), "psnr_subject": mean("psnr_subject"), "ssim": mean("ssim"), "lpips": mean("lpips")}
@@ -88,7 +128,8 @@ def _write_side_by_side(path: Path, img, row: dict) -> str:
         h, w3 = a.shape[:2]
     w = w3 // 3
     scale = max(h / 600, 0.4)
-    for k, text in enumerate(("ground truth", f"render  {row['psnr']:.1f} dB", "error")):
+    psnr = f"{row['psnr']:.1f} dB" if row.get("psnr") is not None else "PSNR undefined"
+    for k, text in enumerate(("ground truth", f"render  {psnr}", "error")):
         org = (k * w + 8, int(24 * scale) + 8)
         cv2.putText(a, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), max(int(4 * scale), 2), cv2.LINE_AA)
         cv2.putText(a, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), max(int(2 * scale), 1),
@@ -98,52 +139,73 @@ def _write_side_by_side(path: Path, img, row: dict) -> str:
 
 
 
-def load_run(run_dir: Path | str, device: str = "auto"):
-    """A trained run's nerfstudio pipeline (config.yml + latest checkpoint), ready to render; -> (config, pipeline)."""
-    import os
+def load_run(run_dir: Path | str, device: str = "auto", *, config=None):
+    """A trained run's nerfstudio pipeline (config.yml + latest checkpoint), ready to render; -> (config, pipeline).
 
-    import torch
-    import yaml
-
-    from train.dataset import TrainError
+    Runs no code from the folder: the config is read by :func:`train.config.read_run_config` (unless
+    ``config`` is that, already read) and the checkpoint by :func:`train.config.load_checkpoint`
+    (``weights_only=True``), both before the pipeline (and its dataset) is set up; a crafted file
+    raises TrainError (exit 2).
+    """
+    from train.config import load_checkpoint, read_run_config
     from train.runner import latest_checkpoint, resolve_device
 
-    os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     run_dir = Path(run_dir)
-    cfg_path = run_dir / "config.yml"
-    if not cfg_path.is_file():
-        raise TrainError(f"{cfg_path} does not exist: not a training run", path=str(cfg_path))
+    cfg = config if config is not None else read_run_config(run_dir / "config.yml")
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
         raise TrainError(f"{run_dir / 'nerfstudio_models'}: no checkpoint to evaluate", path=str(run_dir))
-    cfg = yaml.load(cfg_path.read_text(), Loader=yaml.Loader)
+    state = load_checkpoint(ckpt)
     dev = resolve_device(device)
     cfg.machine.device_type = dev
     pipeline = cfg.pipeline.setup(device=dev, test_mode="val")
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
     pipeline.load_pipeline(state["pipeline"], state["step"])
     pipeline.eval()
     return cfg, pipeline
 
 
+def run_session(run_dir: Path | str) -> Path:
+    """The session a run folder belongs to: ``<session>/train/<run>`` -> ``<session>``."""
+    run_dir = Path(run_dir)
+    if run_dir.resolve().parent.name != "train":
+        raise TrainError(f"{run_dir}: not a run folder of a session (<session>/train/<run>), so no consent can "
+                         "be checked", path=str(run_dir))
+    return run_dir.resolve().parent.parent
+
+
 def reevaluate_run(run_dir: Path | str, *, device: str = "auto", exports: bool = False,
                    on_event: Callable[[dict], None] | None = None) -> dict:
-    """Evaluate a run again from its checkpoint and update its ``metrics.json``; returns the metrics."""
-    from train.dataset import read_dataset
+    """Evaluate a run again from its checkpoint and update its ``metrics.json``; returns the metrics.
+
+    Consent first: the session's consent (and that of the session the run's dataset came from) must
+    allow ``train`` today; nothing is read or written otherwise.
+    """
+    from train.config import read_run_config
+    from train.dataset import read_dataset, require_dataset_consent, require_train_consent
     from train.runner import read_metrics
 
     run_dir = Path(run_dir)
+    session = run_session(run_dir)
+    require_train_consent(session)
+    cfg = read_run_config(run_dir / "config.yml")
+    dm = cfg.pipeline.datamanager
+    data = dm.data or getattr(getattr(dm, "dataparser", None), "data", None)  # what the data manager reads
+    if data is None:
+        raise TrainError(f"{run_dir / 'config.yml'}: names no dataset", path=str(run_dir / "config.yml"))
+    doc = read_dataset(data)
+    require_dataset_consent(doc, session)  # held-out images of another session need its consent too
     metrics = read_metrics(run_dir)
-    cfg, pipeline = load_run(run_dir, device)
+    cfg, pipeline = load_run(run_dir, device, config=cfg)
     metrics["eval"] = evaluate_pipeline(pipeline, run_dir, on_event=on_event)
     if exports:
         from train.exports import export_run
 
         cams = pipeline.datamanager.eval_dataset.cameras
-        metrics["exports"] = export_run(pipeline.model, run_dir, read_dataset(cfg.data),
+        metrics["exports"] = export_run(pipeline.model, run_dir, doc,
                                         check_camera=cams[0:1] if len(cams) else None, on_event=on_event)
+    metrics = json_safe(metrics)
     atomic_write_json(run_dir / "metrics.json", metrics)
     return metrics
 
 
-__all__ = ["evaluate_pipeline", "load_run", "reevaluate_run"]
+__all__ = ["evaluate_pipeline", "load_run", "reevaluate_run", "run_session"]

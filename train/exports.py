@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from train.dataset import TrainError
+from train.dataset import TrainError, finite_or_none, require_dataset_consent
 from train.preview import AI_LABEL, turntable_cameras, write_turntable
 from train.splat_ply import SplatParams, read_splat_ply, splat_stats, write_splat_ply
 
@@ -96,8 +96,14 @@ def check_ply_against_model(model, params: SplatParams, camera, lighting: int) -
     W, H = int(cam.width.item()), int(cam.height.item())
     got = render_splat(params, pose.matrix, K, W, H, device=str(model.device.type))
     mse = float(np.mean((ref - got) ** 2))
-    return {"psnr_vs_model": round(10 * math.log10(1 / mse), 2) if mse > 0 else float("inf"),
-            "max_abs_diff": round(float(np.abs(ref - got).max()), 5), "image_size": [W, H]}
+    out = {"psnr_vs_model": round(10 * math.log10(1 / mse), 2) if 0 < mse < math.inf else None,
+           "identical": mse == 0.0, "max_abs_diff": finite_or_none(np.abs(ref - got).max()), "image_size": [W, H]}
+    if out["psnr_vs_model"] is None:  # files hold no NaN or inf: say why the figure is missing
+        out["undefined"] = {"psnr_vs_model": "the PLY re-renders identically to the model (PSNR is infinite)"
+                            if mse == 0.0 else f"the renders cannot be compared (mean squared error {mse})"}
+    if out["max_abs_diff"] is not None:
+        out["max_abs_diff"] = round(out["max_abs_diff"], 5)
+    return out
 
 
 def export_run(model, run_dir: Path | str, dataset_doc: dict, *, frames: int = 36, check_camera=None,
@@ -105,8 +111,10 @@ def export_run(model, run_dir: Path | str, dataset_doc: dict, *, frames: int = 3
     """Write the splat PLY and the turntable previews of a trained model; returns what was written.
 
     ``check_camera`` (a nerfstudio Cameras of one held-out view) is where the PLY is re-rendered and
-    compared with the model.
+    compared with the model. The twin is the subject's likeness: the consent of the session the
+    dataset came from must allow ``train`` today (checked before anything is written).
     """
+    require_dataset_consent(dataset_doc)
     emit = on_event or (lambda ev: None)
     run_dir = Path(run_dir)
     lighting = model.config.render_lighting

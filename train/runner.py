@@ -3,7 +3,8 @@
 ``run_training(root, TrainOptions(...), on_event=...)`` is the whole stage:
 
 1. the session's consent must cover ``train`` and be in force (a virtual render
-   folder, whose subject is synthetic, needs none);
+   folder, whose subject is synthetic, needs none): checked before anything is
+   read or written, through :func:`capture.consent.require_session_consent`;
 2. the nerfstudio dataset is exported when missing (:mod:`train.dataset`);
 3. nerfstudio's ``Trainer`` runs the ``twin-splat`` method on CUDA when there is
    a GPU, else on the CPU with small-preview defaults (1/8 images, a few
@@ -13,6 +14,11 @@
 5. held-out evaluation, the splat PLY and the turntable previews follow
    (:mod:`train.evaluate`, :mod:`train.exports`), and ``metrics.json`` records it all.
 
+Resuming loads the checkpoint through :func:`train.config.load_checkpoint`
+(``weights_only=True``): a run folder from elsewhere cannot run code. Figures
+that are undefined (no PSNR reported, a diverged loss) are None in the files,
+with the reason under ``undefined``, never NaN.
+
 Progress is reported as events (``{"event": "train", "step", "total", "loss",
 "psnr", "gaussians", "eta_s", ...}``); the CLI's dashboard consumes them.
 """
@@ -20,7 +26,7 @@ Progress is reported as events (``{"event": "train", "step", "total", "loss",
 from __future__ import annotations
 
 import json
-import os
+import math
 import random
 import resource
 import time
@@ -32,7 +38,8 @@ from pathlib import Path
 import numpy as np
 
 from rigs.fileio import atomic_write_json
-from train.dataset import TrainError, default_dataset_dir, export_dataset, read_dataset
+from train.dataset import (TrainError, default_dataset_dir, export_dataset, finite_or_none, json_safe,
+                           read_dataset, require_dataset_consent, require_train_consent)
 
 METRICS_SCHEMA = "twinstudio.train-metrics"
 METRICS_VERSION = 1
@@ -91,18 +98,13 @@ def resolve_device(device: str) -> str:
 
 
 def check_train_consent(root: Path) -> dict | None:
-    """The consent terms that allow training, or None for a virtual render (synthetic subject)."""
-    from capture.consent import require_consent
-    from reconstruct.inputs import GroundTruth
+    """The consent terms that allow training, or None for a virtual render (synthetic subject).
 
-    if (root / "session.json").is_file():
-        rec = require_consent(root, "train")
-        return {"consent_id": rec.consent_id, "subject_id": rec.subject_id, "valid_until": str(rec.valid_until)}
-    gt = GroundTruth.find(root)
-    if gt is not None and gt.root.resolve() == root.resolve():
-        return None
-    raise TrainError(f"{root}: no session.json, so no consent can be checked; training needs a capture session",
-                     path=str(root))
+    The shared gate (:func:`capture.consent.require_session_consent` with scope ``train``): ConsentError
+    (exit 4) when no record of the session's subject allows training today, ConsentInputError (exit 2)
+    for a folder that is neither a session nor a virtual render.
+    """
+    return require_train_consent(root)
 
 
 def build_config(dataset: Path, run_dir: Path, device: str, options: TrainOptions, iterations: int,
@@ -167,6 +169,32 @@ def _trainer_class():
         on_event: Callable[[dict], None] = staticmethod(lambda ev: None)
         total: int = 0
         history: list = []
+        resume_state: dict | None = None  # the checkpoint to resume from, already read by load_checkpoint
+
+        def _load_checkpoint(self) -> None:
+            """nerfstudio's resume, with the checkpoint read by :func:`train.config.load_checkpoint`
+            (``weights_only=True``) instead of ``torch.load``'s defaults."""
+            from train.config import load_checkpoint
+
+            state = self.resume_state
+            if state is None:
+                if self.config.load_checkpoint is not None:
+                    path = Path(self.config.load_checkpoint)
+                elif self.config.load_dir is not None:
+                    path = latest_checkpoint(Path(self.config.load_dir), self.config.load_step)
+                    if path is None:
+                        raise TrainError(f"{self.config.load_dir}: no checkpoint to resume from",
+                                         path=str(self.config.load_dir))
+                else:
+                    return
+                state = load_checkpoint(path)
+            self.resume_state = None
+            self._start_step = int(state["step"]) + 1
+            self.pipeline.load_pipeline(state["pipeline"], state["step"])
+            self.optimizers.load_optimizers(state["optimizers"])
+            if "schedulers" in state and self.config.load_scheduler:
+                self.optimizers.load_schedulers(state["schedulers"])
+            self.grad_scaler.load_state_dict(state["scalers"])
 
         def train_iteration(self, step: int):
             if not hasattr(self, "_t0"):
@@ -174,7 +202,9 @@ def _trainer_class():
             loss, loss_dict, metrics = super().train_iteration(step)
             done = step - self._s0 + 1
             el = time.perf_counter() - self._t0
-            rec = {"step": step + 1, "loss": float(loss.detach()), "psnr": float(metrics.get("psnr", float("nan"))),
+            psnr = metrics.get("psnr")
+            rec = {"step": step + 1, "loss": finite_or_none(loss.detach()),
+                   "psnr": finite_or_none(psnr) if psnr is not None else None,
                    "gaussians": int(metrics.get("gaussian_count", 0))}
             self.history.append(rec)
             self.on_event({"event": "train", **rec, "total": self.total, "elapsed_s": el,
@@ -205,26 +235,48 @@ def _seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    ckpts = sorted((run_dir / "nerfstudio_models").glob("step-*.ckpt"))
+def latest_checkpoint(ckpt_dir: Path, step: int | None = None) -> Path | None:
+    """The checkpoint of ``step`` (default: the latest) in a run folder or its ``nerfstudio_models``."""
+    ckpt_dir = Path(ckpt_dir)
+    if ckpt_dir.name != "nerfstudio_models":
+        ckpt_dir = ckpt_dir / "nerfstudio_models"
+    if step is not None:
+        p = ckpt_dir / f"step-{step:09d}.ckpt"
+        return p if p.is_file() else None
+    ckpts = sorted(ckpt_dir.glob("step-*.ckpt"))
     return ckpts[-1] if ckpts else None
+
+
+def _mean(values: list, what: str, undefined: dict) -> float | None:
+    """Mean of the finite values, or None with the reason recorded in ``undefined[what]``."""
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    if not vals:
+        undefined[what] = ("no step ran in this run" if not values else
+                           f"undefined on all of the last {len(values)} steps (not reported or not finite)")
+        return None
+    return float(np.mean(vals))
 
 
 def run_training(root: Path | str, options: TrainOptions = TrainOptions(), *,
                  dataset: Path | str | None = None,
                  on_event: Callable[[dict], None] | None = None) -> TrainResult:
-    """Train (or resume) the twin of a session; writes ``<root>/train/<run>/metrics.json``."""
-    import torch
+    """Train (or resume) the twin of a session; writes ``<root>/train/<run>/metrics.json``.
 
-    os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # nerfstudio checkpoints hold numpy scalars
-    emit = on_event or (lambda ev: None)
+    Consent first: nothing is read or written unless the session's consent allows ``train`` today
+    (and, for a ``dataset`` exported from another session, that session's too).
+    """
     root = Path(root)
     consent = check_train_consent(root)
+    ds = (Path(dataset) if dataset is not None else default_dataset_dir(root)).resolve()
+    if (ds / "transforms.json").is_file():
+        require_dataset_consent(read_dataset(ds), root)
+    import torch
+
+    emit = on_event or (lambda ev: None)
     device = resolve_device(options.device)
     defaults = GPU_DEFAULTS if device == "cuda" else CPU_DEFAULTS
     iterations = options.iterations or defaults["iterations"]
     downscale = options.downscale or defaults["downscale"]
-    ds = (Path(dataset) if dataset is not None else default_dataset_dir(root)).resolve()
     if not (ds / "transforms.json").is_file():
         emit({"event": "stage", "stage": "export", "status": "running"})
         export_dataset(root, ds, on_event=emit)
@@ -233,12 +285,15 @@ def run_training(root: Path | str, options: TrainOptions = TrainOptions(), *,
         raise TrainError(f"{ds}: no images_{downscale}/ (exported downscales: {doc['twinstudio'].get('downscales')})",
                          path=str(ds))
     run_dir = (root / "train" / options.run).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
-
     cfg = build_config(ds, run_dir, device, options, iterations, downscale)
     ckpt = latest_checkpoint(run_dir) if options.resume else None
-    if ckpt is not None:
+    state = None
+    if ckpt is not None:  # read (safely) before anything is written: a crafted one stops the run here
+        from train.config import load_checkpoint
+
+        state = load_checkpoint(ckpt)
         cfg.load_dir = ckpt.parent
+    run_dir.mkdir(parents=True, exist_ok=True)
     _seed(options.seed)
     emit({"event": "stage", "stage": "setup", "status": "running", "device": device})
     cfg.save_config()
@@ -246,6 +301,8 @@ def run_training(root: Path | str, options: TrainOptions = TrainOptions(), *,
     trainer = Trainer(cfg)
     trainer.on_event = emit
     trainer.history = []
+    trainer.resume_state = state  # the trainer drops it once loaded: not held in memory while training
+    del state
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t_setup = time.perf_counter()
@@ -272,6 +329,10 @@ def run_training(root: Path | str, options: TrainOptions = TrainOptions(), *,
     model = trainer.pipeline.model
     hist = trainer.history
     last = hist[-10:]
+    undefined: dict[str, str] = {}
+    ips = round(len(hist) / train_s, 3) if hist and train_s > 0 else None
+    if ips is None:
+        undefined["iterations_per_s"] = "no step ran in this run"
     metrics = {
         "schema": METRICS_SCHEMA, "version": METRICS_VERSION, "method": "twin-splat", "run": options.run,
         "device": device, "device_name": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
@@ -279,10 +340,10 @@ def run_training(root: Path | str, options: TrainOptions = TrainOptions(), *,
         "downscale": downscale, "image_size": [int(trainer.pipeline.datamanager.train_dataset.cameras.width[0]),
                                                int(trainer.pipeline.datamanager.train_dataset.cameras.height[0])],
         "setup_s": round(setup_s, 2), "train_s": round(train_s, 2),
-        "iterations_per_s": round(len(hist) / train_s, 3) if hist and train_s > 0 else None,
-        "loss_first": hist[0]["loss"] if hist else None,
-        "loss_last": float(np.mean([h["loss"] for h in last])) if last else None,
-        "train_psnr_last": float(np.mean([h["psnr"] for h in last])) if last else None,
+        "iterations_per_s": ips,
+        "loss_first": _mean([h["loss"] for h in hist[:1]], "loss_first", undefined),
+        "loss_last": _mean([h["loss"] for h in last], "loss_last", undefined),
+        "train_psnr_last": _mean([h["psnr"] for h in last], "train_psnr_last", undefined),
         "gaussians": int(model.num_points),
         "presets": list(model.presets),
         "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if device == "cuda" else None,
@@ -304,16 +365,26 @@ def run_training(root: Path | str, options: TrainOptions = TrainOptions(), *,
         eval_cams = trainer.pipeline.datamanager.eval_dataset.cameras
         metrics["exports"] = export_run(model, run_dir, doc, frames=options.turntable_frames,
                                         check_camera=eval_cams[0:1] if len(eval_cams) else None, on_event=emit)
+    if undefined:
+        metrics["undefined"] = undefined
+    metrics = json_safe(metrics)
     atomic_write_json(run_dir / "metrics.json", metrics)
     emit({"event": "stage", "stage": "done", "status": "ok", "metrics": str(run_dir / "metrics.json")})
     return TrainResult(run_dir, device, iterations, start, round(train_s, 2), metrics)
 
 
 def read_metrics(run_dir: Path | str) -> dict:
+    """A run's ``metrics.json`` (TrainError, exit 2, when it is missing or not a JSON object)."""
     p = Path(run_dir) / "metrics.json"
     if not p.is_file():
         raise TrainError(f"{p} does not exist: train first ('twinstudio train run')", path=str(p))
-    return json.loads(p.read_text())
+    try:
+        doc = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise TrainError(f"{p}: not readable JSON: {e}", path=str(p)) from e
+    if not isinstance(doc, dict):
+        raise TrainError(f"{p}: not a metrics object", path=str(p))
+    return doc
 
 
 __all__ = ["TrainOptions", "TrainResult", "build_config", "check_train_consent", "latest_checkpoint",

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 train_app = typer.Typer(help="Train the twin: nerfstudio dataset, twin-splat training, evaluation, exports.",
@@ -49,8 +50,8 @@ class TrainDashboard:
         t = Table.grid(padding=(0, 2))
         e = self.last
         if e:
-            t.add_row("step", f"{e['step']}/{e['total']}", "loss", f"{e['loss']:.4f}",
-                      "PSNR (train)", f"{e['psnr']:.2f} dB")
+            t.add_row("step", f"{e['step']}/{e['total']}", "loss", _f(e["loss"], 4),
+                      "PSNR (train)", f"{_f(e['psnr'], 2)} dB")
             t.add_row("Gaussians", f"{e['gaussians']:,}", "speed", f"{e['it_s']:.2f} it/s",
                       "ETA", _duration(e["eta_s"]))
         for label, (done, total) in self.progress.items():
@@ -65,8 +66,8 @@ class TrainDashboard:
                 step_every = max(ev["total"] // 10, 1)
                 if ev["step"] - self.logged_step >= step_every or ev["step"] == ev["total"]:
                     self.logged_step = ev["step"]
-                    self.con.print(f"  step {ev['step']}/{ev['total']}  loss {ev['loss']:.4f}  "
-                                   f"PSNR {ev['psnr']:.2f} dB  {ev['gaussians']:,} Gaussians  "
+                    self.con.print(f"  step {ev['step']}/{ev['total']}  loss {_f(ev['loss'], 4)}  "
+                                   f"PSNR {_f(ev['psnr'], 2)} dB  {ev['gaussians']:,} Gaussians  "
                                    f"{ev['it_s']:.2f} it/s  ETA {_duration(ev['eta_s'])}", highlight=False)
         elif kind == "stage":
             if ev.get("status") == "running":
@@ -95,31 +96,35 @@ def print_train_summary(metrics: dict, run_dir: Path) -> None:
     """The run's figures and the held-out evaluation per lighting preset."""
     con = _console()
     ips = metrics.get("iterations_per_s")
-    con.print(f"[bold green]twin trained[/] ({metrics['method']}, {metrics['device']}): "
+    con.print(f"[bold green]twin trained[/] ({escape(str(metrics['method']))}, {escape(str(metrics['device']))}): "
               f"{metrics['iterations']} iterations at {metrics['image_size'][0]}x{metrics['image_size'][1]}"
               + (f", {ips:.2f} it/s" if ips else "") + f", {metrics['gaussians']:,} Gaussians, "
               f"train {metrics['train_s']:.0f} s", highlight=False)
     ev = metrics.get("eval")
     if ev:
-        t = Table(title=f"Held-out cameras ({', '.join(ev['cameras'])}): {ev['images']} images")
+        t = Table(title=escape(f"Held-out cameras ({', '.join(ev['cameras'])}): {ev['images']} images"))
         for col in ("lighting", "images", "PSNR dB", "PSNR subject dB", "SSIM", "LPIPS"):
             t.add_column(col, justify="left" if col == "lighting" else "right")
-        for name, m in [*ev["per_lighting"].items(), ("[bold]all[/]", ev)]:
+        for name, m in [*((escape(k), v) for k, v in ev["per_lighting"].items()), ("[bold]all[/]", ev)]:
             t.add_row(name, str(m["images"]), _f(m["psnr"], 2), _f(m.get("psnr_subject"), 2), _f(m["ssim"], 3),
                       _f(m["lpips"], 3))
         con.print(t)
+        for what, why in (ev.get("undefined") or {}).items():
+            con.print(f"  {what}: - ({why})", highlight=False, markup=False)
     ex = metrics.get("exports")
     if ex:
         chk = ex.get("ply_check") or {}
+        same = ("identical to the model" if chk.get("identical") else
+                f"{_f(chk.get('psnr_vs_model'), 2)} dB vs the model")
         con.print(f"  splat: {run_dir / ex['splat_ply']} ({ex['splat']['count']:,} Gaussians, "
                   f"{ex['lighting']} lighting baked in"
-                  + (f"; re-rendered from the PLY: {chk['psnr_vs_model']} dB vs the model" if chk else "") + ")",
-                  highlight=False)
+                  + (f"; re-rendered from the PLY: {same}" if chk else "") + ")",
+                  highlight=False, markup=False)
         tt = ex.get("turntable") or {}
         if tt:
             con.print(f"  previews: {run_dir / tt['mp4']} and {tt['frames']} PNGs in {run_dir / tt['png_dir']} "
-                      f"(labelled \"{tt['label']}\")", highlight=False)
-    con.print(f"  metrics: {run_dir / 'metrics.json'}")
+                      f"(labelled \"{tt['label']}\")", highlight=False, markup=False)
+    con.print(f"  metrics: {run_dir / 'metrics.json'}", highlight=False, markup=False)
 
 
 def _f(v, nd: int) -> str:
@@ -139,18 +144,20 @@ def export_cmd(
     cameras: Annotated[Optional[Path], typer.Option(help="cameras.json (default: <session>/recon/cameras.json).")]
     = None,
 ) -> None:
-    """Export a session as a nerfstudio dataset (transforms.json, images, masks, seed points, held-out split)."""
+    """Export a session as a nerfstudio dataset (transforms.json, images, masks, seed points, held-out split):
+    needs consent for 'train'."""
     from train.dataset import ExportOptions, export_dataset
 
     opts = ExportOptions(take=take, motion_take=motion_take,
                          holdout=tuple(c.strip() for c in holdout.split(",") if c.strip()) if holdout else None)
     r = export_dataset(root, out, opts, cameras_path=cameras)
     con = _console()
-    con.print(f"[bold green]exported[/] {r.frames} frames to {r.transforms} in {r.seconds:.1f} s", highlight=False)
-    con.print(f"  train cameras: {len(r.train_cameras)}; held out: {', '.join(r.holdout_cameras)}")
-    con.print(f"  lighting presets: {', '.join(r.presets)}; seed points: {r.seed_points:,}")
+    con.print(f"[bold green]exported[/] {r.frames} frames to {escape(str(r.transforms))} in {r.seconds:.1f} s",
+              highlight=False)
+    con.print(f"  train cameras: {len(r.train_cameras)}; held out: {', '.join(r.holdout_cameras)}", markup=False)
+    con.print(f"  lighting presets: {', '.join(r.presets)}; seed points: {r.seed_points:,}", markup=False)
     for what, why in r.skipped.items():
-        con.print(f"  [yellow]skipped[/] {what}: {why}", highlight=False)
+        con.print(f"  [yellow]skipped[/] {escape(what)}: {escape(why)}", highlight=False)
 
 
 @train_app.command("run")
@@ -186,7 +193,8 @@ def eval_cmd(
     exports: Annotated[bool, typer.Option(help="Also rewrite the splat PLY and previews.")] = False,
     plain: PlainOpt = False,
 ) -> None:
-    """Re-evaluate a trained run from its checkpoint (held-out PSNR/SSIM per lighting preset)."""
+    """Re-evaluate a trained run from its checkpoint (held-out PSNR/SSIM per lighting preset): needs consent
+    for 'train'; reads the run folder without running code from it."""
     from train.evaluate import reevaluate_run
 
     with TrainDashboard(plain, "evaluating") as on_event:
