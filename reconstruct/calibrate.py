@@ -37,7 +37,15 @@ from scipy.sparse import csr_matrix
 from threadpoolctl import threadpool_limits
 
 from reconstruct.charuco import BoardDetection, board_corners, detect_board, make_board
-from reconstruct.inputs import GroundTruth, ReconstructError, find_take, take_images, write_cameras
+from reconstruct.inputs import (
+    GroundTruth,
+    ReconstructError,
+    find_take,
+    intrinsics_for_size,
+    left_out_summary,
+    verified_images,
+    write_cameras,
+)
 from rigs.geometry import Camera, Intrinsics, Pose, rotation_angle_deg
 from rigs.rigfile import BoardSpec, load_rig
 
@@ -103,15 +111,21 @@ class CalibrationResult(RigSolution):
     seconds: float = 0.0
     out_dir: Path = Path("recon")
     take: str = ""
-    skipped_images: list[str] = field(default_factory=list)
+    skipped_images: dict[str, str] = field(default_factory=dict)  # image -> why it was left out
     ground_truth: dict | None = None
+    image_sizes: dict[str, tuple[int, int]] = field(default_factory=dict)  # camera -> (width, height) read
+    verify_seconds: float = 0.0  # checking the take's frames against its manifest, before detection
 
 
 def detect_images(images: dict[tuple[str, int], Path], spec: BoardSpec, min_corners: int = 8,
                   workers: int | None = None,
-                  on_event: Callable[[CalibrationProgress], None] | None = None
+                  on_event: Callable[[CalibrationProgress], None] | None = None,
+                  sizes: dict[tuple[str, int], tuple[int, int]] | None = None,
                   ) -> tuple[dict[tuple[str, int], BoardDetection], list[str]]:
-    """Board detections ``{(camera, frame): detection}`` of the images, plus the unreadable images."""
+    """Board detections ``{(camera, frame): detection}`` of the images, plus the unreadable images.
+
+    ``sizes``, when given, receives every decoded image's (width, height).
+    """
     items = sorted(images.items())
     workers = max(1, min(workers or os.cpu_count() or 1, 8, len(items)))
     chunks = [items[i::workers] for i in range(workers)]
@@ -122,22 +136,33 @@ def detect_images(images: dict[tuple[str, int], Path], spec: BoardSpec, min_corn
         results = (_detect_one(spec, min_corners, key, path) for key, path in items)
         pool = None
     else:
-        pool = ProcessPoolExecutor(workers, mp_context=get_context("fork"))
+        # workers die with this process (a SIGKILLed CLI leaves no detector running on)
+        pool = ProcessPoolExecutor(workers, mp_context=get_context("fork"), initializer=_worker_init,
+                                   initargs=(os.getpid(),))
         results = (r for rs in pool.map(_detect_chunk, [spec] * workers, [min_corners] * workers, chunks,
                                         chunksize=1) for r in rs)
     try:
-        for key, det, bad in results:
+        for key, det, bad, size in results:
             done += 1
             if bad:
                 skipped.append(bad)
-            elif det is not None:
-                found[key] = det
+            else:
+                if sizes is not None:
+                    sizes[key] = size
+                if det is not None:
+                    found[key] = det
             if on_event and (done % 24 == 0 or done == len(items)):
                 on_event(CalibrationProgress("detect", done, len(items), f"{len(found)} board views"))
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
     return found, sorted(skipped)
+
+
+def _worker_init(parent: int) -> None:
+    from rigs.procs import die_with_parent
+
+    die_with_parent(parent=parent)
 
 
 _detectors: dict = {}
@@ -150,8 +175,8 @@ def _detect_one(spec: BoardSpec, min_corners: int, key, path: Path):
     board, detector = _detectors[spec]
     img = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
     if img is None:
-        return key, None, str(path)
-    return key, detect_board(img, board, min_corners, detector), None
+        return key, None, str(path), None
+    return key, detect_board(img, board, min_corners, detector), None, (img.shape[1], img.shape[0])
 
 
 def _detect_chunk(spec: BoardSpec, min_corners: int, items: list) -> list:
@@ -165,28 +190,96 @@ def run_calibrate(root: Path | str, options: CalibrationOptions = CalibrationOpt
 
     ``root``: a session folder or a virtual render folder (both hold
     ``rig.toml`` and ``takes/``). ``out_dir`` defaults to ``root/recon``.
+    A session needs its subject's consent to ``capture`` in force (the board
+    images are part of the capture). Frames that fail verification against
+    the session's (or render's) manifest, or cannot be decoded, are left out
+    and listed in ``skipped_images`` with the reason. Every camera is solved
+    at the size of the images it actually delivered: the rig file's lens
+    prior is scaled to it.
     """
+    from capture.consent import require_session_consent
+
     t0 = time.perf_counter()
     root = Path(root)
     if not (root / "rig.toml").is_file():
         raise CalibrationError(f"{root}: no rig.toml (not a session or render folder)", path=str(root))
+    require_session_consent(root, "capture")
     take = find_take(root, "calibration", options.take)
     rig = load_rig(root / "rig.toml")
-    images = {(cam, f): p for cam, frames in take_images(root, take).items() for f, p in frames.items()}
+    checked = verified_images(root, take, workers=options.workers)
+    skipped = dict(checked.left_out)
+    images = {(cam, f): p for cam, frames in checked.images.items() for f, p in frames.items()}
     if not images:
-        raise CalibrationError(f"take {take} holds no images; shoot it with 'twinstudio capture calibrate'",
-                               take=take, path=str(root / "takes" / take))
-    dets, skipped = detect_images(images, rig.calibration.board, options.min_corners, options.workers, on_event)
+        why = f" ({left_out_summary(skipped)})" if skipped else "; shoot it with 'twinstudio capture calibrate'"
+        raise CalibrationError(f"take {take} holds no usable images{why}", take=take,
+                               path=str(root / "takes" / take), left_out=skipped or None)
+    read: dict[tuple[str, int], tuple[int, int]] = {}
+    dets, unreadable = detect_images(images, rig.calibration.board, options.min_corners, options.workers,
+                                     on_event, sizes=read)
+    skipped.update({p: "cannot be decoded" for p in unreadable})
+    nominal, sizes, dets, size_issues, refused = _at_image_size(rig.cameras, dets, read, images)
+    skipped.update(size_issues)
     obj = board_corners(make_board(rig.calibration.board))
-    sol = solve_rig(dets, obj, {c.id: c for c in rig.cameras}, options, take=take)
+    try:
+        sol = solve_rig(dets, obj, nominal, options, take=take)
+    except CalibrationError as e:
+        extra = "; ".join([f"{c}: {why}" for c, why in refused.items()]
+                          + ([left_out_summary(skipped)] if skipped else []))
+        if extra:
+            e.facts["left_out"] = dict(sorted(skipped.items()))
+            e.message = f"{e.message}; {extra}"
+            e.args = (e.message,)
+        raise
+    sol.unreached.update({c: why for c, why in refused.items() if c in sol.unreached})
     result = CalibrationResult(**vars(sol), seconds=time.perf_counter() - t0,
                                out_dir=Path(out_dir) if out_dir else root / "recon", take=take,
-                               skipped_images=skipped)
+                               skipped_images=dict(sorted(skipped.items())), image_sizes=sizes,
+                               verify_seconds=checked.seconds)
     gt = GroundTruth.find(root)
     if gt is not None:
         result.ground_truth = score_cameras({c: cc.camera for c, cc in result.cameras.items()}, gt.cameras())
     _write(result)
     return result
+
+
+def _at_image_size(cameras: list[Camera], dets: dict, read: dict[tuple[str, int], tuple[int, int]],
+                   images: dict[tuple[str, int], Path]):
+    """The rig's cameras with their lens prior scaled to the size of the images they delivered.
+
+    Returns (nominal cameras by id, {camera: (width, height)}, the detections
+    kept, {image: why left out}, {camera: why refused}). A camera's images of
+    a size other than its most common one are left out; a camera whose images
+    have another aspect ratio than its rig-file resolution is refused (its
+    lens prior does not describe them).
+    """
+    by_cam: dict[str, dict[tuple[int, int], int]] = {}
+    for (c, _), wh in read.items():
+        by_cam.setdefault(c, {})
+        by_cam[c][wh] = by_cam[c].get(wh, 0) + 1
+    sizes = {c: max(counts, key=lambda wh: (counts[wh], wh)) for c, counts in by_cam.items()}
+    issues: dict[str, str] = {}
+    keep = {}
+    for key, d in dets.items():
+        if read.get(key) == sizes.get(key[0]):
+            keep[key] = d
+    for key, wh in read.items():
+        if wh != sizes[key[0]]:
+            w, h = sizes[key[0]]
+            issues[str(images[key])] = f"{wh[0]}x{wh[1]}, the camera's other images are {w}x{h}"
+    nominal: dict[str, Camera] = {}
+    refused: dict[str, str] = {}
+    for cam in cameras:
+        wh = sizes.get(cam.id)
+        intr = intrinsics_for_size(cam.intrinsics, *wh) if wh else cam.intrinsics
+        if intr is None:  # another aspect ratio: the rig's lens prior does not describe these images
+            for key in [k for k in keep if k[0] == cam.id]:
+                del keep[key]
+            i = cam.intrinsics
+            refused[cam.id] = (f"its images are {wh[0]}x{wh[1]}, the rig file's resolution {i.width}x{i.height} "
+                               "has another aspect ratio")
+            intr = cam.intrinsics
+        nominal[cam.id] = Camera(cam.id, intr, cam.pose)
+    return nominal, sizes, keep, issues, refused
 
 
 def solve_rig(dets: dict[tuple[str, int], BoardDetection], obj: np.ndarray, nominal: dict[str, Camera],
@@ -321,8 +414,10 @@ def _write(result: CalibrationResult) -> None:
     write_cameras(out / "cameras.json", cams, method="calibration", take=result.take,
                   rms_px=round(result.rms_px, 5), board_views=result.views, observations=result.observations,
                   rejected=result.rejected, unreached=result.unreached, skipped_images=result.skipped_images,
-                  seconds=round(result.seconds, 2), ground_truth=result.ground_truth,
-                  per_camera={c: {"rms_px": round(cc.rms_px, 5), "views": cc.views, "corners": cc.corners}
+                  seconds=round(result.seconds, 2), verify_seconds=round(result.verify_seconds, 3),
+                  ground_truth=result.ground_truth,
+                  per_camera={c: {"rms_px": round(cc.rms_px, 5) if np.isfinite(cc.rms_px) else None,
+                                  "views": cc.views, "corners": cc.corners}
                               for c, cc in result.cameras.items()})
     write_colmap_text(out / "colmap", cams)
 

@@ -13,15 +13,19 @@ world-to-camera poses) is the one camera file every stage writes and reads.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+import os
+import time
+import warnings
+from collections.abc import Collection, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from rigs.errors import TwinstudioError
-from rigs.fileio import atomic_write_json
-from rigs.geometry import Camera
+from rigs.fileio import atomic_write_json, sha256_file
+from rigs.geometry import Camera, Intrinsics
 
 CAMERAS_SCHEMA = "twinstudio.cameras"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -32,6 +36,10 @@ class ReconstructError(TwinstudioError):
     """The input cannot be reconstructed (exit code 2): names the file, take or camera."""
 
     exit_code = 2
+
+
+class NoTakeError(ReconstructError):
+    """The capture holds no take of the kind a stage needs: the stage does not apply to it (exit code 2)."""
 
 
 # ----------------------------------------------------------------------------- cameras.json
@@ -109,7 +117,7 @@ def find_take(root: Path | str, kind: str, take: str | None = None) -> str:
         return take
     found = list_takes(root, kind)
     if not found:
-        raise ReconstructError(f"{root}: no {kind} take", path=str(root), kind=kind)
+        raise NoTakeError(f"{root}: no {kind} take", path=str(root), kind=kind)
     return found[-1]
 
 
@@ -125,6 +133,172 @@ def take_images(root: Path | str, take: str) -> dict[str, dict[int, Path]]:
         if frames:
             out[cam_dir.name] = dict(sorted(frames.items()))
     return out
+
+
+# ----------------------------------------------------------------------------- verified inputs
+
+
+@dataclass(frozen=True)
+class VerifiedImages:
+    """The frames of a take that passed verification, and the ones left out with the reason."""
+
+    take: str | None
+    images: dict[str, dict[int, Path]]  # camera -> frame -> path, frames that passed
+    left_out: dict[str, str] = field(default_factory=dict)  # path -> why it was left out
+    method: str = ""  # what they were checked against: "session.json" | "render.json" | "decode"
+    seconds: float = 0.0  # time the verification took
+
+    def count(self) -> int:
+        return sum(len(v) for v in self.images.values())
+
+
+def verified_images(root: Path | str, take: str, *, cameras: Collection[str] | None = None,
+                    frames: Collection[int] | None = None, workers: int | None = None) -> VerifiedImages:
+    """The frames of ``take`` that may be used, and ``{path: reason}`` for those that may not.
+
+    A session's frames are checked against the size and sha256 that
+    ``session.json`` records, a render folder's against ``render.json``: a
+    frame whose bytes differ (truncated, overwritten), that is not listed, or
+    that is listed but missing is left out. The capture decoded every listed
+    frame for its QA, so a frame whose hash matches is not decoded again.
+    Without a manifest every frame is decoded (:func:`decode_problem`).
+    ``cameras``/``frames`` restrict the check to what a stage will read.
+    """
+    t0 = time.perf_counter()
+    root = Path(root)
+    on_disk = take_images(root, take) if (root / "takes" / take).is_dir() else {}
+    on_disk = {c: {f: p for f, p in fr.items() if frames is None or f in frames}
+               for c, fr in on_disk.items() if cameras is None or c in cameras}
+    listed = _manifest_frames(root, take)
+    left_out: dict[str, str] = {}
+    todo: list[tuple[str, int, Path, tuple[str, int | None] | None]] = []
+    if listed is not None:
+        method, records = listed
+        seen = set()
+        for cam, fr in on_disk.items():
+            for f, p in fr.items():
+                rel = p.relative_to(root).as_posix()
+                seen.add(rel)
+                rec = records.get(rel)
+                if rec is None:
+                    left_out[str(p)] = f"not listed in {method}"
+                    continue
+                size = p.stat().st_size
+                if rec[1] is not None and size != rec[1]:
+                    left_out[str(p)] = (f"{'truncated: ' if size < rec[1] else ''}{size} bytes, "
+                                        f"{method} records {rec[1]}")
+                    continue
+                todo.append((cam, f, p, rec))
+        for rel in sorted(set(records) - seen):
+            cam, name = rel.split("/")[-2:]
+            stem = name.rsplit(".", 1)[0]
+            if (cameras is None or cam in cameras) and stem.isdigit() and (frames is None or int(stem) in frames) \
+                    and rel.startswith(f"takes/{take}/") and "/gt/" not in rel:
+                left_out[str(root / rel)] = f"missing (listed in {method})"
+    else:
+        method = "decode"
+        todo = [(cam, f, p, None) for cam, fr in on_disk.items() for f, p in fr.items()]
+
+    def check(item) -> str | None:
+        _, _, p, rec = item
+        if rec is None:
+            return decode_problem(p)
+        try:
+            return None if sha256_file(p) == rec[0] else f"sha256 differs from {method}"
+        except OSError as e:
+            return f"cannot be read: {e.strerror or e}"
+
+    problems = _map_checks(check, todo, workers)
+    good: dict[str, dict[int, Path]] = {}
+    for (cam, f, p, _), why in zip(todo, problems):
+        if why is None:
+            good.setdefault(cam, {})[f] = p
+        else:
+            left_out[str(p)] = why
+    good = {c: dict(sorted(fr.items())) for c, fr in sorted(good.items())}
+    return VerifiedImages(take, good, dict(sorted(left_out.items())), method, time.perf_counter() - t0)
+
+
+def _manifest_frames(root: Path, take: str) -> tuple[str, dict[str, tuple[str, int | None]]] | None:
+    """``(manifest name, {relative path: (sha256, size or None)})`` of a take's frames, or None without one."""
+    if (root / "session.json").is_file():
+        from capture.session import read_manifest
+
+        rec = read_manifest(root).takes.get(take)
+        out = {} if rec is None else {r.path: (r.sha256, r.size) for fr in rec.captured.values() for r in fr.values()}
+        return "session.json", out
+    if (root / "render.json").is_file():
+        from rigs.virtual.render import load_render_manifest
+
+        try:
+            m = load_render_manifest(root / "render.json")
+        except TwinstudioError as e:
+            raise ReconstructError(str(e), path=str(root / "render.json")) from e
+        prefix = f"takes/{take}/"
+        return "render.json", {i.path: (i.sha256, None) for i in m.images if i.path.startswith(prefix)}
+    return None
+
+
+def decode_problems(paths: Iterable[Path], workers: int | None = None) -> dict[Path, str]:
+    """``{path: why}`` of the image files that do not decode cleanly (:func:`decode_problem`, warnings counted)."""
+    paths = list(paths)
+    return {p: why for p, why in zip(paths, _map_checks(decode_problem, paths, workers)) if why is not None}
+
+
+def _map_checks(check, items: list, workers: int | None) -> list:
+    """``check`` over ``items`` in threads (hashlib and Pillow release the GIL), warnings raised as errors."""
+    if not items:
+        return []
+    n = max(1, min(workers or os.cpu_count() or 1, 8, len(items)))
+    with warnings.catch_warnings():  # a decoder's warning is corruption here (one filter for every thread)
+        warnings.simplefilter("error")
+        with ThreadPoolExecutor(n) as pool:
+            return list(pool.map(check, items))
+
+
+def decode_problem(path: Path | str) -> str | None:
+    """Why an image file cannot be used (truncated, not an image, a decoder warning), or None when it decodes.
+
+    Decoded by Pillow, which refuses a truncated file (OpenCV's ``imread``
+    only prints libjpeg's warning and returns the missing part grey). JPEGs
+    are decoded at 1/8 scale: the whole entropy-coded stream is still read,
+    at a fraction of the cost. Call it with warnings turned into errors
+    (``warnings.simplefilter("error")``) to count a decoder's warnings too,
+    as :func:`verified_images` does.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            if im.format == "JPEG":
+                im.draft("L", (max(1, im.width // 8), max(1, im.height // 8)))
+            im.load()
+    except FileNotFoundError:
+        return "missing"
+    except UnidentifiedImageError:
+        return "cannot be decoded: not an image file"
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Warning) as e:
+        return f"cannot be decoded: {e}"
+    return None
+
+
+def intrinsics_for_size(intr: Intrinsics, width: int, height: int) -> Intrinsics | None:
+    """``intr`` for images of ``width`` x ``height`` (the same lens, resized), or None for another aspect ratio."""
+    if (intr.width, intr.height) == (width, height):
+        return intr
+    scaled = intr.scaled(width / intr.width)
+    return scaled if (scaled.width, scaled.height) == (width, height) else None
+
+
+def left_out_summary(left_out: Mapping[str, str], limit: int = 3) -> str:
+    """A short human line for left-out frames: count and the first few with their reason."""
+    if not left_out:
+        return ""
+    items = list(left_out.items())[:limit]
+    more = len(left_out) - len(items)
+    return (f"{len(left_out)} frame(s) left out: " + "; ".join(f"{Path(p).name} of {Path(p).parent.name} ({r})"
+                                                              for p, r in items)
+            + (f"; and {more} more" if more > 0 else ""))
 
 
 # ----------------------------------------------------------------------------- ground truth
@@ -174,5 +348,6 @@ class GroundTruth:
         return None
 
 
-__all__ = ["CAMERAS_SCHEMA", "GroundTruth", "ReconstructError", "capture_kind", "find_take", "list_takes",
-           "read_cameras", "take_images", "write_cameras"]
+__all__ = ["CAMERAS_SCHEMA", "GroundTruth", "NoTakeError", "ReconstructError", "VerifiedImages", "capture_kind",
+           "decode_problem", "decode_problems", "find_take", "intrinsics_for_size", "left_out_summary", "list_takes",
+           "read_cameras", "take_images", "verified_images", "write_cameras"]

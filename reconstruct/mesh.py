@@ -77,8 +77,10 @@ from reconstruct.inputs import (
     GroundTruth,
     ReconstructError,
     find_take,
+    intrinsics_for_size,
     read_cameras,
     take_images,
+    verified_images,
 )
 from rigs.fileio import atomic_write_bytes, atomic_write_json
 from rigs.geometry import Camera
@@ -1223,9 +1225,13 @@ def run_mesh(root: Path | str, cameras_path: Path | str, out_dir: Path | str, *,
         raise ReconstructError(f"{out} exists and is not a folder", path=str(out))
     cameras = read_cameras(cameras_path)
     take = find_take(root, "stills", take)
-    per_cam = take_images(root, take)
+    checked = verified_images(root, take, cameras=cameras, frames=(frame,))
+    per_cam = checked.images
     skipped: dict[str, str] = {}
-    for cid in sorted(per_cam):
+    for p, why in checked.left_out.items():  # a frame that failed verification: its camera sits this one out
+        skipped[Path(p).parent.name] = f"{Path(p).name} left out: {why}"
+    rescaled: dict[str, str] = {}
+    for cid in sorted(take_images(root, take)):
         if cid not in cameras:
             skipped[cid] = f"not in {Path(cameras_path).name}"
     images: dict[str, np.ndarray] = {}
@@ -1242,17 +1248,21 @@ def run_mesh(root: Path | str, cameras_path: Path | str, out_dir: Path | str, *,
     for k, cid in enumerate(order):
         path = per_cam.get(cid, {}).get(frame)
         if path is None:
-            skipped[cid] = f"no image for frame {frame} in take {take}"
+            skipped.setdefault(cid, f"no image for frame {frame} in take {take}")
             continue
         img = cv2.imread(str(path), cv2.IMREAD_COLOR)
         if img is None:
             skipped[cid] = f"unreadable image {path.name}"
             continue
         intr = cameras[cid].intrinsics
-        if img.shape[:2] != (intr.height, intr.width):
-            raise ReconstructError(f"{path}: image is {img.shape[1]}x{img.shape[0]}, camera {cid} is calibrated "
-                                   f"for {intr.width}x{intr.height} in {cameras_path}",
-                                   path=str(path), camera=cid, take=take)
+        if img.shape[:2] != (intr.height, intr.width):  # the same lens on resized images: its intrinsics follow
+            fit = intrinsics_for_size(intr, img.shape[1], img.shape[0])
+            if fit is None:
+                raise ReconstructError(f"{path}: image is {img.shape[1]}x{img.shape[0]}, camera {cid} is calibrated "
+                                       f"for {intr.width}x{intr.height} in {cameras_path} (another aspect ratio)",
+                                       path=str(path), camera=cid, take=take)
+            rescaled[cid] = f"{intr.width}x{intr.height} -> {fit.width}x{fit.height}"
+            cameras[cid] = Camera(cid, fit, cameras[cid].pose)
         if masks_dir is not None:
             mpath = _find_mask(Path(masks_dir), take, cid, frame)
             m = cv2.imread(str(mpath), cv2.IMREAD_GRAYSCALE)
@@ -1274,7 +1284,8 @@ def run_mesh(root: Path | str, cameras_path: Path | str, out_dir: Path | str, *,
     if len(images) < MIN_CAMERAS:
         detail = "; ".join(f"{c}: {r}" for c, r in sorted(skipped.items())) or "none skipped"
         raise ReconstructError(f"{root} take {take} frame {frame}: {len(images)} usable camera(s), a mesh needs "
-                               f"at least {MIN_CAMERAS} ({detail})", path=str(root), take=take, frame=frame)
+                               f"at least {MIN_CAMERAS} ({detail})", path=str(root), take=take, frame=frame,
+                               left_out=checked.left_out or None)
     t_inputs = time.perf_counter() - t0
     result = build_mesh(cameras, images, masks, options, on_event)
     seconds = t_inputs + result.seconds
@@ -1295,6 +1306,7 @@ def run_mesh(root: Path | str, cameras_path: Path | str, out_dir: Path | str, *,
     doc = {"schema": MESH_SCHEMA, "version": MESH_SCHEMA_VERSION, "take": take, "frame": frame,
            "cameras_file": str(cameras_path), "masks": "files" if masks_dir is not None else "key",
            "cameras": result.cameras, "skipped": [{"camera": c, "reason": r} for c, r in sorted(skipped.items())],
+           "left_out": checked.left_out, "verify_seconds": round(checked.seconds, 3), "rescaled": rescaled,
            "vertices": len(result.vertices), "triangles": len(result.triangles),
            "watertight": result.watertight, "topology": result.topology,
            "bounds_m": [result.vertices.min(0).round(4).tolist(), result.vertices.max(0).round(4).tolist()],

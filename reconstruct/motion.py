@@ -65,8 +65,10 @@ from reconstruct.inputs import (
     GroundTruth,
     ReconstructError,
     find_take,
+    intrinsics_for_size,
     read_cameras,
     take_images,
+    verified_images,
 )
 from rigs.errors import ShapeError
 from rigs.fileio import atomic_write_bytes, atomic_write_json
@@ -197,9 +199,16 @@ class MotionScore:
     errors_m: np.ndarray = field(repr=False)  # [T, N] metres, NaN where the track is lost
 
     def to_dict(self) -> dict:
-        return {"median_mm": round(self.median_mm, 4), "p90_mm": round(self.p90_mm, 4),
-                "mean_mm": round(self.mean_mm, 4), "kept_fraction": round(self.kept_fraction, 4),
-                "tracks": self.tracks, "samples": self.samples}
+        """JSON-ready figures: None (with a reason) where nothing could be scored, never NaN."""
+        def mm(v: float) -> float | None:
+            return round(v, 4) if math.isfinite(v) else None
+
+        doc = {"median_mm": mm(self.median_mm), "p90_mm": mm(self.p90_mm), "mean_mm": mm(self.mean_mm),
+               "kept_fraction": round(self.kept_fraction, 4) if math.isfinite(self.kept_fraction) else 0.0,
+               "tracks": self.tracks, "samples": self.samples}
+        if not self.samples:
+            doc["reason"] = "no tracked point to score" if not self.tracks else "no tracked point had a true position"
+        return doc
 
 
 @dataclass
@@ -221,6 +230,9 @@ class MotionReport:
     time_source: str
     score: MotionScore | None = None
     options: MotionOptions | None = None
+    left_out: dict[str, str] = field(default_factory=dict)  # frame file -> why verification left it out
+    verify_seconds: float = 0.0
+    rescaled: dict[str, str] = field(default_factory=dict)  # camera -> "calibrated size -> image size"
 
     @property
     def npz_path(self) -> Path:
@@ -444,6 +456,10 @@ def run_motion(root: Path | str, cameras_path: Path | str, out_dir: Path | str,
     Validates the take and cameras before writing anything. Returns the
     trajectories (metres, world frame of ``cameras_path``), per-frame times in
     seconds from the first frame, and, on a virtual capture, the scores.
+    Frames that fail verification (:func:`reconstruct.inputs.verified_images`)
+    are left out (their views listed with the reason); a camera whose images
+    are a resized version of what it was calibrated at is used at their size.
+    An empty result (no point tracked) is written with its reason, never NaN.
     """
     t0 = time.perf_counter()
     root = Path(root)
@@ -463,11 +479,25 @@ def run_motion(root: Path | str, cameras_path: Path | str, out_dir: Path | str,
     for cid in images:
         if cid not in cams_all:
             skipped[cid] = f"not in {cameras_path}"
-    for cid in images:  # a camera whose images do not have its calibrated size goes whole
+    every = sorted({f for c in images for f in images[c]})
+    wanted = every[:options.max_frames] if options.max_frames is not None else every
+    checked = verified_images(root, take, cameras=[c for c in images if c not in skipped], frames=wanted)
+    left_views = {(Path(p).parent.name, int(Path(p).stem)): why for p, why in checked.left_out.items()
+                  if Path(p).stem.isdigit()}
+    good = checked.images
+    for cid in images:
+        if cid not in skipped and not good.get(cid):
+            skipped[cid] = "every frame left out by verification"
+    rescaled: dict[str, str] = {}
+    for cid in images:  # the camera's intrinsics at the size of its images; another aspect ratio: it goes whole
         if cid not in skipped:
-            why = _size_mismatch(images[cid], cams_all[cid])
+            cam, why = _at_image_size(good[cid], cams_all[cid])
             if why:
                 skipped[cid] = why
+            elif cam is not cams_all[cid]:
+                a, b = cams_all[cid].intrinsics, cam.intrinsics
+                rescaled[cid] = f"{a.width}x{a.height} -> {b.width}x{b.height}"
+                cams_all[cid] = cam
     cams = [cams_all[c] for c in images if c not in skipped]
     frames = sorted({f for c in cams for f in images[c.id]})
     if options.max_frames is not None:
@@ -476,7 +506,8 @@ def run_motion(root: Path | str, cameras_path: Path | str, out_dir: Path | str,
         raise ReconstructError(f"take {take}: {len(cams)} usable calibrated camera(s) "
                                f"({', '.join(c.id for c in cams) or 'none'}), motion needs at least 2"
                                + (f"; skipped: {', '.join(f'{k} ({v})' for k, v in skipped.items())}"
-                                  if skipped else ""), take=take, cameras=len(cams))
+                                  if skipped else ""), take=take, cameras=len(cams),
+                               left_out=checked.left_out or None)
     times, time_source = frame_times(root, take, frames)
 
     tracker = _Tracker(cams, options)
@@ -487,7 +518,10 @@ def run_motion(root: Path | str, cameras_path: Path | str, out_dir: Path | str,
         for ci, cam in enumerate(tracker.cams):
             if cam.id in skipped:
                 continue
-            img, why = _read_image(images[cam.id].get(f), cam)
+            if (cam.id, f) in left_views:
+                img, why = None, f"left out: {left_views[(cam.id, f)]}"
+            else:
+                img, why = _read_image(good[cam.id].get(f), cam)
             if why is None:
                 imgs[ci] = img
             elif why.startswith("size"):
@@ -519,7 +553,8 @@ def run_motion(root: Path | str, cameras_path: Path | str, out_dir: Path | str,
     report = MotionReport(take=take, frames=frames, times=times, track_ids=track_ids, points=points, views=views,
                           rms_px=rms, cameras_used=used, cameras_skipped=skipped, views_skipped=views_skipped,
                           seconds=seconds, out_dir=Path(out_dir), time_source=time_source, score=score,
-                          options=options)
+                          options=options, left_out=checked.left_out, verify_seconds=checked.seconds,
+                          rescaled=rescaled)
     write_trajectories(report)
     return report
 
@@ -543,22 +578,31 @@ def write_trajectories(report: MotionReport) -> None:
     for n in range(report.points.shape[1]):
         for k in np.flatnonzero(live[:, n]):
             x, y, z = report.points[k, n]
+            r = float(report.rms_px[k, n])
             w.writerow([int(report.track_ids[n]), report.frames[k], repr(float(report.times[k])),
                         repr(float(x)), repr(float(y)), repr(float(z)), int(report.views[k, n]),
-                        repr(float(report.rms_px[k, n]))])
+                        repr(r) if math.isfinite(r) else ""])
     atomic_write_bytes(report.csv_path, text.getvalue().encode(), fsync=False)
 
     rms = report.rms_px[live]
+    rms = rms[np.isfinite(rms)]
     doc = {"schema": MOTION_SCHEMA, "version": MOTION_VERSION, "take": report.take,
-           "frames": len(report.frames), "first_frame": report.frames[0], "last_frame": report.frames[-1],
+           "frames": len(report.frames), "first_frame": report.frames[0] if report.frames else None,
+           "last_frame": report.frames[-1] if report.frames else None,
            "time_source": report.time_source, "tracks": int(report.points.shape[1]),
            "tracks_per_frame": [int(c) for c in live.sum(axis=1)],
            "kept_fraction": round(report.kept_fraction, 4),
            "median_views": float(np.median(report.views[live])) if live.any() else 0.0,
-           "median_rms_px": round(float(np.median(rms)), 4) if live.any() else None,
+           "median_rms_px": round(float(np.median(rms)), 4) if len(rms) else None,
            "cameras_used": report.cameras_used, "cameras_skipped": report.cameras_skipped,
-           "views_skipped": report.views_skipped, "seconds": round(report.seconds, 3),
+           "views_skipped": report.views_skipped, "left_out": report.left_out,
+           "verify_seconds": round(report.verify_seconds, 3), "rescaled": report.rescaled,
+           "seconds": round(report.seconds, 3),
            "files": {"npz": report.npz_path.name, "csv": report.csv_path.name}}
+    if not live.any():  # an empty result is a figure with its reason, not NaN
+        doc["reason"] = (f"no point was seen consistently by {report.options.min_new_views if report.options else 5}"
+                         f" or more of the {len(report.cameras_used)} camera(s) used over {len(report.frames)} "
+                         "frame(s)")
     if report.options is not None:
         doc["options"] = asdict(report.options)
     if report.score is not None:
@@ -614,8 +658,12 @@ def _rig_fps(path: Path) -> float | None:
         return None
 
 
-def _size_mismatch(frames: dict[int, Path], cam: Camera) -> str | None:
-    """Why a camera's images cannot go with its calibration (from its first readable image), or None."""
+def _at_image_size(frames: dict[int, Path], cam: Camera) -> tuple[Camera, str | None]:
+    """The camera at the size of its images (from its first readable one), or why it cannot go with them.
+
+    Images of the calibrated size, or a resized version of it (same aspect
+    ratio), are fine: the intrinsics follow them. Another aspect ratio is not.
+    """
     import cv2
 
     for path in frames.values():
@@ -624,8 +672,11 @@ def _size_mismatch(frames: dict[int, Path], cam: Camera) -> str | None:
             continue
         h, w = img.shape[:2]
         k = cam.intrinsics
-        return None if (w, h) == (k.width, k.height) else f"size {w}x{h}, calibrated for {k.width}x{k.height}"
-    return None
+        fit = intrinsics_for_size(k, w, h)
+        if fit is None:
+            return cam, f"size {w}x{h}, calibrated for {k.width}x{k.height} (another aspect ratio)"
+        return (cam if fit is k else Camera(cam.id, fit, cam.pose)), None
+    return cam, None
 
 
 def _read_image(path: Path | None, cam: Camera) -> tuple[np.ndarray | None, str | None]:

@@ -11,9 +11,23 @@
 then writes ``recon/report.json`` (schema ``twinstudio.recon-report``): per
 stage its status, time and figures, and an *accuracy* list of the figures
 that matter with their targets. On virtual captures every figure is scored
-against ground truth. A stage that cannot run on this input (no motion take,
-too few cameras, ...) is listed as skipped with the reason; later stages that
-need it are skipped too. Nothing here prints: progress goes to ``on_event``.
+against ground truth. Nothing here prints: progress goes to ``on_event``.
+
+A stage's status is one of:
+
+* ``done`` — it wrote its outputs;
+* ``failed`` — it was asked for and produced nothing (too few cameras saw
+  the board, SfM's result was refused, zero tracks, ...), with the reason,
+  and with the frames it left out when verification refused some; a stage
+  that needs a failed one fails too ("needs cameras, which failed");
+* ``skipped`` — it does not apply to this capture (no stills or motion take)
+  and the user did not name it (``ReconstructOptions.named``). The cameras
+  stage always applies: every other stage needs it.
+
+Before anything is written, every stage that will run checks that the
+session's consent covers it: ``capture`` for calibration from the board
+take, ``train`` for SfM, masks, mesh and motion (they model the person).
+Each stage reads only frames that pass :func:`reconstruct.inputs.verified_images`.
 """
 
 from __future__ import annotations
@@ -25,7 +39,15 @@ from pathlib import Path
 
 import numpy as np
 
-from reconstruct.inputs import GroundTruth, ReconstructError, find_take, list_takes, take_images
+from reconstruct.inputs import (
+    GroundTruth,
+    ReconstructError,
+    find_take,
+    left_out_summary,
+    list_takes,
+    verified_images,
+)
+from rigs.errors import EXIT_STAGE_FAILED, TwinstudioError
 from rigs.fileio import atomic_write_json
 
 REPORT_SCHEMA = "twinstudio.recon-report"
@@ -49,12 +71,25 @@ TARGETS: dict[str, tuple[str, str, str, float]] = {
 }
 
 
+class StageFailed(ReconstructError):
+    """Stages that were asked for produced nothing (exit code 7); the report says why."""
+
+    exit_code = EXIT_STAGE_FAILED
+
+    def __init__(self, failed: dict[str, str], report: Path) -> None:
+        super().__init__(f"{len(failed)} stage(s) failed: "
+                         + "; ".join(f"{name}: {why}" for name, why in failed.items()) + f" (report: {report})",
+                         stages=sorted(failed), report=str(report))
+        self.failed = dict(failed)
+        self.report = report
+
+
 @dataclass(frozen=True)
 class StageEvent:
-    """Event: a stage started, finished or was skipped."""
+    """Event: a stage started, finished, failed or was skipped."""
 
     stage: str
-    status: str  # "start" | "done" | "skipped"
+    status: str  # "start" | "done" | "failed" | "skipped"
     detail: str = ""
     seconds: float = 0.0
 
@@ -69,6 +104,8 @@ class ReconstructOptions:
     motion_take: str | None = None
     mesh_frame: int = 0
     workers: int | None = None
+    named: tuple[str, ...] = ()
+    """Stages the user asked for by name: where one does not apply to the capture it fails, not skips."""
 
 
 @dataclass
@@ -78,6 +115,7 @@ class ReconstructReport:
     stages: dict[str, dict] = field(default_factory=dict)
     accuracy: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    failed: dict[str, str] = field(default_factory=dict)  # stages of this run that failed -> why
 
     @property
     def path(self) -> Path:
@@ -87,40 +125,89 @@ class ReconstructReport:
 def run_reconstruct(root: Path | str, options: ReconstructOptions = ReconstructOptions(), *,
                     out_dir: Path | str | None = None,
                     on_event: Callable[[object], None] | None = None) -> ReconstructReport:
-    """Reconstruct a session or render folder; writes ``out_dir`` (default ``root/recon``) and its report."""
+    """Reconstruct a session or render folder; writes ``out_dir`` (default ``root/recon``) and its report.
+
+    Raises ConsentError (nothing written) when the session's consent does not
+    cover a stage that would run; stages that fail are in ``report.failed``
+    (the CLI turns them into :class:`StageFailed`).
+    """
+    from capture.consent import require_session_consent
+
     root = Path(root)
     if not (root / "takes").is_dir():
         raise ReconstructError(f"{root}: no takes/ folder (not a session or render folder)", path=str(root))
-    unknown = sorted(set(options.stages) - set(STAGES))
+    unknown = sorted((set(options.stages) | set(options.named)) - set(STAGES))
     if unknown:
         raise ReconstructError(f"unknown stage(s) {', '.join(unknown)}; stages are {', '.join(STAGES)}",
                                stages=unknown)
+    wanted = [n for n in STAGES if n in options.stages or (n == "cameras" and options.cameras_from == "existing")]
+    for name in wanted:  # every door checks consent, before anything is written
+        scope = _scope(root, name, options)
+        if scope is not None:
+            require_session_consent(root, scope)
     out = Path(out_dir) if out_dir else root / "recon"
     out.mkdir(parents=True, exist_ok=True)
     emit = on_event or (lambda ev: None)
     report = ReconstructReport(root, out)
     gt = GroundTruth.find(root)
     t0 = time.perf_counter()
+    # with cameras from an existing cameras.json that was not asked for, the check is a prerequisite only:
+    # the report keeps the stage's earlier record (the calibration's figures) unless the file is unusable
+    cameras_check_only = options.cameras_from == "existing" and "cameras" not in options.stages
+    status: dict[str, str] = {}  # this run's stages
+
+    def fail(name: str, why: str, seconds: float = 0.0, **figures) -> None:
+        figures.pop("reason", None)  # the stage's own note on its empty result is in ``why``
+        report.stages[name] = {"status": "failed", **figures, "reason": why,
+                               **({"seconds": round(seconds, 2)} if seconds else {})}
+        status[name] = "failed"
+        report.failed[name] = why
+        emit(StageEvent(name, "failed", why, seconds))
 
     def stage(name: str, fn: Callable[[], dict], needs: tuple[str, ...] = ()) -> None:
-        if name not in options.stages and not (name == "cameras" and options.cameras_from == "existing"):
+        if name not in wanted:
             return
-        missing = [n for n in needs if report.stages.get(n, {}).get("status") != "done"]
-        if missing:
-            why = f"needs {', '.join(missing)}, which did not run"
-            report.stages[name] = {"status": "skipped", "reason": why}
-            emit(StageEvent(name, "skipped", why))
+        why = _not_applicable(root, name, options)
+        if why is not None:
+            if name in options.named or name == "cameras":
+                fail(name, why)
+            else:
+                report.stages[name] = {"status": "skipped", "reason": why}
+                status[name] = "skipped"
+                emit(StageEvent(name, "skipped", why))
+            return
+        failed = [n for n in needs if status.get(n) == "failed"]
+        if failed:
+            fail(name, f"needs {', '.join(failed)}, which failed")
+            return
+        not_run = [n for n in needs if n not in status]
+        if not_run:
+            fail(name, f"needs {', '.join(not_run)}, which did not run (add it to the stages, or take the "
+                       "cameras of an earlier run with cameras_from='existing')")
             return
         emit(StageEvent(name, "start"))
         s0 = time.perf_counter()
         try:
             figures = fn()
-        except ReconstructError as e:
-            report.stages[name] = {"status": "skipped", "reason": str(e), "facts": _plain(e.facts)}
-            emit(StageEvent(name, "skipped", str(e), time.perf_counter() - s0))
+        except TwinstudioError as e:
+            from capture.consent import ConsentError
+
+            if isinstance(e, ConsentError):  # not a stage's failure: the whole command is refused
+                raise
+            facts = _plain(e.facts)
+            left = facts.pop("left_out", None)
+            fail(name, str(e), time.perf_counter() - s0, **({"left_out": left} if left else {}),
+                 **({"facts": facts} if facts else {}))
             return
         secs = time.perf_counter() - s0
-        report.stages[name] = {"status": "done", **figures, "seconds": round(secs, 2)}
+        failure = figures.pop("failure", None)
+        if failure is not None:  # it ran, and produced nothing: its figures say how far it got
+            figures.pop("seconds", None)
+            fail(name, failure, secs, **figures)
+            return
+        status[name] = "done"
+        if not (name == "cameras" and cameras_check_only):
+            report.stages[name] = {"status": "done", **figures, "seconds": round(secs, 2)}
         emit(StageEvent(name, "done", figures.get("summary", ""), secs))
 
     stage("cameras", lambda: _cameras(root, out, options, emit))
@@ -128,14 +215,47 @@ def run_reconstruct(root: Path | str, options: ReconstructOptions = ReconstructO
     stage("mesh", lambda: _mesh(root, out, options, emit), needs=("cameras",))
     stage("motion", lambda: _motion(root, out, options, emit), needs=("cameras",))
     report.seconds = time.perf_counter() - t0
-    earlier = _read_json(report.path).get("stages", {}) if report.path.is_file() else {}
-    report.stages = {**{k: v for k, v in earlier.items() if k in STAGES}, **report.stages}  # a re-run of one stage
+    this_run = dict(report.stages)
+    earlier = {}
+    if report.path.is_file():
+        try:
+            earlier = _read_json(report.path).get("stages", {})
+        except (ReconstructError, AttributeError):  # an unreadable earlier report is replaced
+            earlier = {}
+    report.stages = {**{k: v for k, v in earlier.items() if k in STAGES}, **this_run}  # a re-run of one stage
     report.stages = {k: report.stages[k] for k in STAGES if k in report.stages}
     report.accuracy = accuracy_rows(report.stages)
     atomic_write_json(report.path, {
         "schema": REPORT_SCHEMA, "version": REPORT_VERSION, "root": str(root), "virtual": gt is not None,
         "seconds": round(report.seconds, 2), "stages": _plain(report.stages), "accuracy": report.accuracy})
     return report
+
+
+def _scope(root: Path, name: str, options: ReconstructOptions) -> str | None:
+    """The consent scope a stage needs: ``capture`` for calibration from the board take, ``train`` for the
+    stages that model the person (SfM on the stills, masks, mesh, motion); None for reading cameras.json."""
+    if name != "cameras":
+        return "train"
+    how = options.cameras_from
+    if how == "existing":
+        return None
+    if how == "auto":
+        how = "calibration" if (options.calibration_take or list_takes(root, "calibration")) else "sfm"
+    return "capture" if how == "calibration" else "train"
+
+
+def _not_applicable(root: Path, name: str, options: ReconstructOptions) -> str | None:
+    """Why a stage does not apply to this capture (it holds no take of the kind it reads), or None."""
+    if name == "cameras":
+        if options.cameras_from in ("auto",) and not options.calibration_take and not options.stills_take \
+                and not list_takes(root, "calibration") and not list_takes(root, "stills"):
+            return f"{root}: no calibration or stills take to compute cameras from"
+        return None
+    kind, take = {"masks": ("stills", options.stills_take), "mesh": ("stills", options.stills_take),
+                  "motion": ("motion", options.motion_take)}[name]
+    if take is None and not list_takes(root, kind):
+        return f"{root}: no {kind} take"
+    return None
 
 
 # ----------------------------------------------------------------------------- stages
@@ -157,10 +277,13 @@ def _cameras(root: Path, out: Path, options: ReconstructOptions, emit) -> dict:
                             out_dir=out, on_event=emit)
         g = res.ground_truth or {}
         return {"method": "calibration", "take": res.take, "cameras": len(res.cameras), "unreached": res.unreached,
-                "skipped_images": res.skipped_images, "rms_px": res.rms_px, "board_views": res.views,
+                "left_out": res.skipped_images, "verify_seconds": round(res.verify_seconds, 3),
+                "image_sizes": {c: list(wh) for c, wh in res.image_sizes.items()},
+                "rms_px": res.rms_px, "board_views": res.views,
                 "observations": res.observations, "rejected": res.rejected,
                 "ground_truth": {k: v for k, v in g.items() if k != "cameras"} or None,
-                "summary": f"{len(res.cameras)} cameras, RMS {res.rms_px:.3f} px"}
+                "summary": f"{len(res.cameras)} cameras, RMS {res.rms_px:.3f} px"
+                           + (f", {len(res.skipped_images)} frame(s) left out" if res.skipped_images else "")}
     if how == "sfm":
         from reconstruct.sfm import SfmOptions, run_sfm
 
@@ -174,6 +297,7 @@ def _cameras(root: Path, out: Path, options: ReconstructOptions, emit) -> dict:
         g = res.ground_truth or {}
         return {"method": "sfm", "take": res.take, "cameras": len(res.cameras), "registered": sorted(res.registered),
                 "unregistered": res.unregistered, "points": res.points, "frame": res.frame,
+                "left_out": res.skipped_images, "verify_seconds": round(res.verify_seconds, 3),
                 "reprojection_px": res.mean_reprojection_error_px,
                 "registered_fraction": len(res.registered) / max(1, len(res.registered) + len(res.unregistered)),
                 "ground_truth": {k: v for k, v in g.items() if k != "cameras"} or None,
@@ -186,12 +310,16 @@ def _masks(root: Path, out: Path, options: ReconstructOptions, gt: GroundTruth |
     from rigs.rigfile import load_rig
 
     take = find_take(root, "stills", options.stills_take)
-    images = [p for frames in take_images(root, take).values() for p in frames.values()]
+    checked = verified_images(root, take, workers=options.workers)
+    images = [p for frames in checked.images.values() for p in frames.values()]
     if not images:
-        raise ReconstructError(f"take {take} holds no images", take=take)
+        raise ReconstructError(f"take {take} holds no usable images"
+                               + (f" ({left_out_summary(checked.left_out)})" if checked.left_out else ""),
+                               take=take, left_out=checked.left_out or None)
     mopts = MaskOptions.for_rig(load_rig(root / "rig.toml")) if (root / "rig.toml").is_file() else MaskOptions()
     rep = run_masks(images, out / "masks" / take, mopts, root=root / "takes" / take, on_event=emit)
-    figures: dict = {"take": take, "images": len(rep.records), "dir": str((out / "masks" / take).relative_to(out))}
+    figures: dict = {"take": take, "images": len(rep.records), "dir": str((out / "masks" / take).relative_to(out)),
+                     "left_out": checked.left_out, "verify_seconds": round(checked.seconds, 3)}
     if gt is not None:
         import cv2
 
@@ -205,7 +333,8 @@ def _masks(root: Path, out: Path, options: ReconstructOptions, gt: GroundTruth |
             figures["ground_truth"] = {"mean_iou": float(np.mean(ious)), "min_iou": float(np.min(ious)),
                                        "images": len(ious)}
     figures["summary"] = f"{len(rep.records)} masks" + (
-        f", IoU {figures['ground_truth']['mean_iou']:.3f}" if "ground_truth" in figures else "")
+        f", IoU {figures['ground_truth']['mean_iou']:.3f}" if "ground_truth" in figures else "") + (
+        f", {len(checked.left_out)} frame(s) left out" if checked.left_out else "")
     return figures
 
 
@@ -220,7 +349,8 @@ def _mesh(root: Path, out: Path, options: ReconstructOptions, emit) -> dict:
     doc["build_seconds"] = doc.pop("seconds", None)  # the mesh itself, without reading and scoring
     g = doc.get("ground_truth") or {}
     return {**doc, "summary": f"{doc.get('vertices', '?')} vertices"
-                              + (f", Chamfer {g['chamfer_mm']:.2f} mm" if "chamfer_mm" in g else "")}
+                              + (f", Chamfer {g['chamfer_mm']:.2f} mm" if "chamfer_mm" in g else "")
+                              + (f", {len(doc['left_out'])} frame(s) left out" if doc.get("left_out") else "")}
 
 
 def _motion(root: Path, out: Path, options: ReconstructOptions, emit) -> dict:
@@ -230,8 +360,13 @@ def _motion(root: Path, out: Path, options: ReconstructOptions, emit) -> dict:
     run_motion(root, out / "cameras.json", out / "motion" / take, MotionOptions(take=take), on_event=emit)
     doc = _stage_doc(out, out / "motion" / take / "motion.json")
     g = doc.get("ground_truth") or {}
-    return {**doc, "summary": f"{doc.get('tracks', '?')} tracks over {doc.get('frames', '?')} frames"
-                              + (f", median error {g['median_mm']:.2f} mm" if "median_mm" in g else "")}
+    summary = (f"{doc.get('tracks', '?')} tracks over {doc.get('frames', '?')} frames"
+               + (f", median error {g['median_mm']:.2f} mm" if g.get("median_mm") is not None else "")
+               + (f", {len(doc['left_out'])} frame(s) left out" if doc.get("left_out") else ""))
+    if not doc.get("tracks"):
+        return {**doc, "summary": summary, "failure": f"take {take}: no surface point was tracked in 3D "
+                                                      f"({doc.get('reason') or 'zero tracks'})"}
+    return {**doc, "summary": summary}
 
 
 # ----------------------------------------------------------------------------- report
@@ -264,7 +399,7 @@ def accuracy_rows(stages: dict[str, dict]) -> list[dict]:
     rows = []
     for key, (label, unit, op, limit) in TARGETS.items():
         v = values.get(key)
-        if v is None:
+        if v is None or not np.isfinite(v):
             continue
         ok = v <= limit if op == "<=" else v >= limit
         rows.append({"key": key, "figure": label, "value": float(v), "unit": unit, "target": f"{op} {limit:g}",
@@ -305,4 +440,4 @@ def _plain(x):
 
 
 __all__ = ["REPORT_SCHEMA", "STAGES", "TARGETS", "ReconstructOptions", "ReconstructReport", "StageEvent",
-           "accuracy_rows", "run_reconstruct"]
+           "StageFailed", "accuracy_rows", "run_reconstruct"]

@@ -81,9 +81,10 @@ from reconstruct.inputs import (
     IMAGE_SUFFIXES,
     GroundTruth,
     ReconstructError,
+    decode_problems,
     find_take,
     read_cameras,
-    take_images,
+    verified_images,
     write_cameras,
 )
 from rigs.geometry import Camera, Intrinsics, Pose, project_points, rotation_angle_deg
@@ -165,6 +166,7 @@ class SfmResult:
     alignment: dict | None = None
     take: str | None = None
     ground_truth: dict | None = None
+    verify_seconds: float = 0.0  # checking the images (manifest hashes, or decoding) before feature extraction
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -184,17 +186,24 @@ class _Inputs:
     take: str | None
     views: dict[str, list[_View]]  # camera -> its images, frame order
     sizes: dict[str, tuple[int, int]]  # camera -> (width, height)
-    skipped: dict[str, str]
+    skipped: dict[str, str]  # image name -> why it is not used
     rig_path: Path | None
+    verify_seconds: float = 0.0
 
 
 def _collect(source: Path, options: SfmOptions, rig_path: Path | None) -> _Inputs:
+    """The images to use, by camera, after verification: a capture's frames against its manifest (sha256),
+    a folder of photos by decoding each (a decoder's warning counts as corruption); the rest listed."""
     if not source.is_dir():
         raise SfmError(f"{source}: not a folder", path=str(source))
+    t0 = time.perf_counter()
+    skipped: dict[str, str] = {}
     if (source / "takes").is_dir():
         take = find_take(source, "stills", options.take)
         image_root = source / "takes" / take
-        frames_by_cam = take_images(source, take)
+        checked = verified_images(source, take, frames=options.frames, workers=options.threads or None)
+        skipped = {Path(p).relative_to(image_root).as_posix(): why for p, why in checked.left_out.items()}
+        frames_by_cam = checked.images
         views = {}
         for cam, frames in frames_by_cam.items():
             wanted = [f for f in frames if options.frames is None or f in options.frames]
@@ -206,6 +215,9 @@ def _collect(source: Path, options: SfmOptions, rig_path: Path | None) -> _Input
         take = None
         image_root = source
         files = sorted(p for p in source.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        bad = decode_problems(files, options.threads or None)
+        skipped = {p.name: why for p, why in bad.items()}
+        files = [p for p in files if p not in bad]
         views = {}
         for p in files:
             if p.stem in views:
@@ -219,9 +231,16 @@ def _collect(source: Path, options: SfmOptions, rig_path: Path | None) -> _Input
                                "rename the file", path=str(v.path), camera=cam)
     if len(views) < 3:
         what = f"take {take}" if take else "folder"
+        if skipped:
+            raise SfmError(f"{image_root}: only {len(views)} camera(s) have readable images ({len(skipped)} "
+                           f"unreadable); SfM needs at least 3. Left out: "
+                           + "; ".join(f"{n} ({why})" for n, why in list(skipped.items())[:3])
+                           + ("; ..." if len(skipped) > 3 else ""),
+                           path=str(image_root), cameras=sorted(views), skipped=sorted(skipped),
+                           left_out={str(image_root / n): why for n, why in skipped.items()})
         raise SfmError(f"{image_root}: {what} holds images of {len(views)} camera(s); SfM needs at least 3",
                        path=str(image_root), cameras=sorted(views))
-    return _Inputs(image_root, take, views, {}, {}, rig_path)
+    return _Inputs(image_root, take, views, {}, skipped, rig_path, time.perf_counter() - t0)
 
 
 def _read_image(path: Path) -> np.ndarray | None:
@@ -665,11 +684,20 @@ def run_sfm(source: Path | str, out_dir: Path | str, options: SfmOptions = SfmOp
     image per camera holding the observations of all its lighting steps) and
     ``out_dir/sfm.db`` (features and matches). Raises SfmError (a ReconstructError) for input it
     cannot use, naming the folder, image or camera.
+
+    A capture session needs its subject's consent to ``train`` in force (SfM
+    models the person); a render folder or a folder of photos without a
+    session names no subject. Images that fail verification are left out and
+    listed in ``skipped_images`` with the reason.
     """
     import pycolmap
 
+    from capture.consent import require_session_consent
+
     t0 = time.perf_counter()
     source, out = Path(source), Path(out_dir)
+    if source.is_dir():
+        require_session_consent(source, "train", photos_ok=True)
     inputs = _collect(source, options, Path(rig_path) if rig_path is not None else None)
     rig = None
     if inputs.rig_path is not None:
@@ -721,7 +749,8 @@ def run_sfm(source: Path | str, out_dir: Path | str, options: SfmOptions = SfmOp
     if len(inputs.views) < 3:
         raise SfmError(f"{inputs.image_root}: only {len(inputs.views)} camera(s) have readable images "
                        f"({len(inputs.skipped)} unreadable); SfM needs at least 3",
-                       path=str(inputs.image_root), skipped=sorted(inputs.skipped))
+                       path=str(inputs.image_root), skipped=sorted(inputs.skipped),
+                       left_out={str(inputs.image_root / n): why for n, why in inputs.skipped.items()})
 
     mode, intr, intr_source = _resolve_intrinsics(inputs, options.intrinsics,
                                                   Path(cameras_path) if cameras_path is not None else None, rig)
@@ -838,7 +867,8 @@ def run_sfm(source: Path | str, out_dir: Path | str, options: SfmOptions = SfmOp
     result = SfmResult(cameras=cameras, registered=registered, unregistered=unregistered, points=len(points),
                        mean_reprojection_error_px=mean_err, seconds=0.0, out_dir=out,
                        cameras_path=out / "cameras.json", colmap_dir=out / "colmap", per_camera=per_camera,
-                       skipped_images=dict(inputs.skipped), frame=frame, alignment=alignment, take=inputs.take)
+                       skipped_images=dict(inputs.skipped), frame=frame, alignment=alignment, take=inputs.take,
+                       verify_seconds=inputs.verify_seconds)
     gt = GroundTruth.find(source) if inputs.take is not None else None
     if gt is not None:
         result.ground_truth = score_sfm(cameras, gt.cameras())
@@ -863,8 +893,8 @@ def run_sfm(source: Path | str, out_dir: Path | str, options: SfmOptions = SfmOp
                   matches={"image_pairs": len(pairs), "verified_pairs": n_pairs, "inlier_matches": n_inliers},
                   features={"mask": options.mask_features, "masked_images": masked,
                             "peak_threshold": options.peak_threshold},
-                  seconds=round(result.seconds, 2), ground_truth=result.ground_truth,
-                  software=f"pycolmap {pycolmap.__version__}")
+                  seconds=round(result.seconds, 2), verify_seconds=round(result.verify_seconds, 3),
+                  ground_truth=result.ground_truth, software=f"pycolmap {pycolmap.__version__}")
     if on_event:
         on_event(SfmProgress("writing", 1, 1))
     if alignment is not None and alignment["rms_m"] > RIG_TOLERANCE_M:

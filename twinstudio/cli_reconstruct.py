@@ -1,4 +1,10 @@
-"""``twinstudio reconstruct ...``: thin layers over reconstruct/."""
+"""``twinstudio reconstruct ...``: thin layers over reconstruct/.
+
+Exit codes: 0 when every stage asked for is done (or skipped because it does
+not apply, e.g. no motion take); 7 when one produced nothing (the report,
+written first, says why); 4 when the session's consent does not cover a
+stage (nothing is written); 2 for input that cannot be used at all.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 reconstruct_app = typer.Typer(help="Reconstruction: calibrate, SfM, masks, mesh, motion, report.",
@@ -50,9 +57,12 @@ class progress_events:
             if ev.status == "start":
                 con.print(f"[bold]{ev.stage}[/] …")
             elif ev.status == "done":
-                con.print(f"[green]{ev.stage}[/] done in {ev.seconds:.1f} s" + (f": {ev.detail}" if ev.detail else ""))
+                con.print(f"[green]{ev.stage}[/] done in {ev.seconds:.1f} s"
+                          + (f": {escape(ev.detail)}" if ev.detail else ""), highlight=False)
+            elif ev.status == "failed":
+                con.print(f"[red]{ev.stage}[/] failed: {escape(ev.detail)}", highlight=False)
             else:
-                con.print(f"[yellow]{ev.stage}[/] skipped: {ev.detail}", highlight=False)
+                con.print(f"[yellow]{ev.stage}[/] skipped: {escape(ev.detail)}", highlight=False)
             return
         done, total = getattr(ev, "done", None), getattr(ev, "total", None)
         if done is None or not total:
@@ -62,7 +72,7 @@ class progress_events:
             step = max(total // 5, 1)
             if done - self.logged.get(label, 0) >= step or done == total:
                 self.logged[label] = done
-                con.print(f"  {label}: {done}/{total}")
+                con.print(f"  {escape(label)}: {done}/{total}", highlight=False)
             return
         if label not in self.tasks:
             self.tasks[label] = self.bar.add_task(label, total=total)
@@ -76,19 +86,21 @@ class progress_events:
 def print_accuracy(report: dict, title: str = "Reconstruction accuracy") -> None:
     """The report's stages and its accuracy table against the targets."""
     con = _console()
-    t = Table(title=f"Stages ({report.get('root', '')})")
+    t = Table(title=f"Stages ({escape(str(report.get('root', '')))})")
     for col in ("stage", "status", "time", "result"):
         t.add_column(col)
+    colour = {"done": "green", "failed": "red"}
     for name, s in report.get("stages", {}).items():
-        status = "[green]done[/]" if s.get("status") == "done" else f"[yellow]{s.get('status')}[/]"
-        t.add_row(name, status, f"{s['seconds']:.1f} s" if "seconds" in s else "-",
-                  s.get("summary") or s.get("reason", ""))
+        st = str(s.get("status"))
+        text = s.get("reason", "") if st == "failed" else (s.get("summary") or s.get("reason", ""))
+        t.add_row(escape(name), f"[{colour.get(st, 'yellow')}]{escape(st)}[/]",
+                  f"{s['seconds']:.1f} s" if isinstance(s.get("seconds"), (int, float)) else "-", escape(str(text)))
     con.print(t)
     rows = report.get("accuracy", [])
     if not rows:
         con.print("no figure with a target (accuracy is scored on virtual captures)")
         return
-    a = Table(title=title + (" against the virtual studio's ground truth" if report.get("virtual") else ""))
+    a = Table(title=escape(title) + (" against the virtual studio's ground truth" if report.get("virtual") else ""))
     for col in ("figure", "value", "target", ""):
         a.add_column(col, justify="right" if col in ("value", "target") else "left")
     for r in rows:
@@ -99,14 +111,29 @@ def print_accuracy(report: dict, title: str = "Reconstruction accuracy") -> None
     con.print(a)
 
 
+def print_left_out(stages: dict, limit: int = 10) -> None:
+    """The frames each stage left out, with the reason (the first ``limit`` per stage)."""
+    con = _console()
+    for name, s in stages.items():
+        left = s.get("left_out") or {}
+        for path, why in list(left.items())[:limit]:
+            con.print(f"[yellow]{escape(name)}[/]: left out {escape(str(path))}: {escape(str(why))}", highlight=False)
+        if len(left) > limit:
+            con.print(f"[yellow]{escape(name)}[/]: and {len(left) - limit} more frame(s) left out (see the report)")
+
+
 def _run(root: Path, out: Optional[Path], plain: bool, **kw) -> dict:
-    from reconstruct.pipeline import ReconstructOptions, run_reconstruct
+    """Run stages, print the report; StageFailed (exit 7) when a stage asked for produced nothing."""
+    from reconstruct.pipeline import ReconstructOptions, StageFailed, run_reconstruct
 
     with progress_events(plain) as on_event:
         rep = run_reconstruct(root, ReconstructOptions(**kw), out_dir=out, on_event=on_event)
     doc = json.loads(rep.path.read_text())
     print_accuracy(doc)
-    _console().print(f"report: {rep.path}")
+    print_left_out({k: v for k, v in doc.get("stages", {}).items() if k in rep.stages})
+    _console().print(f"report: {escape(str(rep.path))}", highlight=False)
+    if rep.failed:
+        raise StageFailed(rep.failed, rep.path)
     return doc
 
 
@@ -114,7 +141,9 @@ def _run(root: Path, out: Optional[Path], plain: bool, **kw) -> dict:
 def reconstruct_run(
     root: RootArg,
     out: OutOpt = None,
-    stages: Annotated[str, typer.Option(help="Stages to run, comma-separated.")] = "cameras,masks,mesh,motion",
+    stages: Annotated[Optional[str], typer.Option(
+        help="Stages to run, comma-separated (default: cameras,masks,mesh,motion). Stages named here fail, "
+             "rather than skip, where the capture has no take for them.")] = None,
     cameras_from: Annotated[str, typer.Option(
         help="auto (calibration take if any, else SfM), calibration, sfm, or existing (recon/cameras.json).")]
     = "auto",
@@ -125,8 +154,11 @@ def reconstruct_run(
     if cameras_from not in ("auto", "calibration", "sfm", "existing"):
         raise typer.BadParameter(f"{cameras_from!r}: use auto, calibration, sfm or existing",
                                  param_hint="--cameras-from")
-    names = tuple(s.strip() for s in stages.split(",") if s.strip())
-    _run(root, out, plain, stages=names, cameras_from=cameras_from, workers=workers)
+    from reconstruct.pipeline import STAGES
+
+    names = tuple(s.strip() for s in stages.split(",") if s.strip()) if stages is not None else STAGES
+    _run(root, out, plain, stages=names, named=names if stages is not None else (), cameras_from=cameras_from,
+         workers=workers)
 
 
 @reconstruct_app.command("calibrate")
@@ -143,7 +175,7 @@ def reconstruct_calibrate(
     with progress_events(plain) as on_event:
         res = run_calibrate(root, CalibrationOptions(take=take, workers=workers), out_dir=out, on_event=on_event)
     gt = (res.ground_truth or {}).get("cameras", {})
-    t = Table(title=f"Calibration of {res.take}: {len(res.cameras)} cameras, {res.views} board poses, "
+    t = Table(title=f"Calibration of {escape(res.take)}: {len(res.cameras)} cameras, {res.views} board poses, "
                     f"RMS {res.rms_px:.3f} px, {res.rejected} corners rejected, {res.seconds:.1f} s")
     cols = ["camera", "views", "corners", "RMS px", "fx", "cx", "cy", "k1"]
     if gt:
@@ -161,10 +193,11 @@ def reconstruct_calibrate(
     con = _console()
     con.print(t)
     for c, why in res.unreached.items():
-        con.print(f"[yellow]{c}[/] not calibrated: {why}")
-    for p in res.skipped_images:
-        con.print(f"[yellow]skipped[/] unreadable image {p}")
-    con.print(f"wrote {res.out_dir / 'cameras.json'} and {res.out_dir / 'colmap'}")
+        con.print(f"[yellow]{escape(c)}[/] not calibrated: {escape(why)}", highlight=False)
+    for p, why in res.skipped_images.items():
+        con.print(f"[yellow]left out[/] {escape(p)}: {escape(why)}", highlight=False)
+    con.print(f"wrote {escape(str(res.out_dir / 'cameras.json'))} and {escape(str(res.out_dir / 'colmap'))}",
+              highlight=False)
 
 
 @reconstruct_app.command("sfm")
@@ -188,13 +221,15 @@ def reconstruct_sfm(
     con.print(f"registered {len(res.registered)} camera(s), {res.points} points, reprojection {reproj}, "
               f"{res.seconds:.1f} s ({'rig frame, metres' if res.frame == 'rig' else 'arbitrary frame and scale'})")
     for cam, why in sorted(res.unregistered.items()):
-        con.print(f"[yellow]{cam}[/] not registered: {why}")
+        con.print(f"[yellow]{escape(cam)}[/] not registered: {escape(why)}", highlight=False)
+    for name, why in res.skipped_images.items():
+        con.print(f"[yellow]left out[/] {escape(name)}: {escape(why)}", highlight=False)
     if res.ground_truth:
         g = res.ground_truth
         con.print(f"against ground truth (similarity aligned): position {g['median_position_mm']:.2f} / "
                   f"{g['max_position_mm']:.2f} mm, "
                   f"rotation {g['median_rotation_deg']:.4f} / {g['max_rotation_deg']:.4f} deg (median / max)")
-    con.print(f"wrote {out / 'cameras.json'}")
+    con.print(f"wrote {escape(str(out / 'cameras.json'))}", highlight=False)
 
 
 @reconstruct_app.command("import-colmap")
@@ -211,7 +246,7 @@ def reconstruct_import_colmap(
 
 def _stage_command(name: str, doc: str):
     def command(root: RootArg, out: OutOpt = None, plain: PlainOpt = False) -> None:
-        _run(root, out, plain, stages=(name,), cameras_from="existing")
+        _run(root, out, plain, stages=(name,), named=(name,), cameras_from="existing")
 
     command.__doc__ = doc
     reconstruct_app.command(name)(command)

@@ -190,9 +190,14 @@ def test_corrupt_and_missing_images_are_listed(rendered, tmp_path):
     shutil.copytree(render, copy)
     bad = copy / "takes" / "calib-001" / "cam02" / "000000.jpg"
     bad.write_bytes(b"\xff\xd8 this is not a JPEG")
+    gone = copy / "takes" / "calib-001" / "cam09" / "000001.jpg"
+    gone.unlink()
     res = run_calibrate(copy, CalibrationOptions(workers=1), out_dir=tmp_path / "recon")
-    assert res.skipped_images == [str(bad)]
-    assert "cam02" in res.cameras
+    # checked against render.json's hashes before use: left out, with the reason
+    assert res.skipped_images == {str(bad): "sha256 differs from render.json",
+                                  str(gone): "missing (listed in render.json)"}
+    assert json.loads((tmp_path / "recon" / "cameras.json").read_text())["skipped_images"] == res.skipped_images
+    assert "cam02" in res.cameras and "cam09" in res.cameras
     with pytest.raises(ReconstructError, match="no take 'calib-009'"):
         run_calibrate(copy, CalibrationOptions(take="calib-009"))
 

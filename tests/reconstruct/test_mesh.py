@@ -156,10 +156,13 @@ def test_skips_uncalibrated_and_corrupt_cameras_with_mask_files(scene, tmp_path)
         cv2.imwrite(str(masks / cid / "000000.mask.png"), gt.mask(TAKE, cid, 0).astype(np.uint8) * 255)
     rep = run_mesh(root, tmp_path / "cameras.json", tmp_path / "out", masks_dir=masks, options=QUICK,
                    score_points=0)
-    assert "unreadable" in rep.skipped["cam03"] and "not in cameras.json" in rep.skipped["cam24"]
+    # the overwritten image fails its render.json hash: left out before it is read
+    assert rep.skipped["cam03"] == "000000.jpg left out: sha256 differs from render.json"
+    assert "not in cameras.json" in rep.skipped["cam24"]
     assert len(rep.cameras) == 22 and rep.watertight and rep.scores is None
     doc = json.loads(rep.manifest_path.read_text())
     assert {"camera": "cam03", "reason": rep.skipped["cam03"]} in doc["skipped"]
+    assert doc["left_out"] == {str(root / "takes" / TAKE / "cam03" / "000000.jpg"): "sha256 differs from render.json"}
     assert doc["masks"] == "files"
 
 
@@ -177,14 +180,28 @@ def test_too_few_usable_cameras(scene, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_image_size_must_match_the_cameras(scene, tmp_path):
-    cams = read_cameras(scene / "gt" / "cameras.json")
-    cams["cam07"] = Camera("cam07", cams["cam07"].intrinsics.scaled(2.0), cams["cam07"].pose)
+def test_intrinsics_follow_the_image_size_of_the_same_aspect_ratio(scene, tmp_path):
+    exact = read_cameras(scene / "gt" / "cameras.json")
+    cams = dict(exact)
+    # calibrated at twice the size of these images (a capture shot at a smaller render scale)
+    cams["cam07"] = Camera("cam07", exact["cam07"].intrinsics.scaled(2.0), exact["cam07"].pose)
     write_cameras(tmp_path / "cameras.json", cams.values())
+    rep = run_mesh(scene, tmp_path / "cameras.json", tmp_path / "out", options=QUICK, score_points=0)
+    big, small = cams["cam07"].intrinsics, exact["cam07"].intrinsics
+    doc = json.loads(rep.manifest_path.read_text())
+    assert doc["rescaled"] == {"cam07": f"{big.width}x{big.height} -> {small.width}x{small.height}"}
+    assert "cam07" in rep.cameras and len(rep.cameras) == 24 and rep.watertight
+    ref = run_mesh(scene, scene / "gt" / "cameras.json", tmp_path / "ref", options=QUICK, score_points=0)
+    assert rep.vertices == ref.vertices  # the scaled intrinsics are the exact ones: the same mesh
+    # another aspect ratio is another sensor mode, not a resize: refused, naming the camera
+    i = exact["cam07"].intrinsics
+    cams["cam07"] = Camera("cam07", type(i)(i.width * 2, i.height, i.fx, i.fy, i.cx, i.cy, i.dist),
+                           exact["cam07"].pose)
+    write_cameras(tmp_path / "wide.json", cams.values())
     with pytest.raises(ReconstructError, match="cam07") as e:
-        run_mesh(scene, tmp_path / "cameras.json", tmp_path / "out", options=QUICK)
-    big = cams["cam07"].intrinsics
-    assert f"calibrated for {big.width}x{big.height}" in str(e.value) and e.value.facts["camera"] == "cam07"
+        run_mesh(scene, tmp_path / "wide.json", tmp_path / "out2", options=QUICK)
+    assert f"calibrated for {i.width * 2}x{i.height}" in str(e.value) and "another aspect ratio" in str(e.value)
+    assert e.value.facts["camera"] == "cam07" and not (tmp_path / "out2").exists()
 
 
 def test_empty_or_missing_mask_files(scene, tmp_path):

@@ -269,21 +269,40 @@ def test_corrupt_and_missing_frames_skip_the_view(render, tmp_path):
     (root / "takes" / TAKE / "cam09" / "000001.jpg").write_bytes(b"not a jpeg")
     (root / "takes" / TAKE / "cam17" / "000002.jpg").unlink()
     report = run_motion(root, render / "gt" / "cameras.json", tmp_path / "out", _options())
-    assert report.views_skipped == [{"camera": "cam09", "frame": 1, "reason": "unreadable (000001.jpg)"},
+    # no manifest beside this copy: every frame is decoded before use, the broken one left out
+    bad = root / "takes" / TAKE / "cam09" / "000001.jpg"
+    assert list(report.left_out) == [str(bad)] and report.left_out[str(bad)].startswith("cannot be decoded")
+    assert report.views_skipped == [{"camera": "cam09", "frame": 1, "reason": f"left out: {report.left_out[str(bad)]}"},
                                     {"camera": "cam17", "frame": 2, "reason": "missing"}]
     assert report.frames == [0, 1, 2] and report.time_source == "fps"
-    assert json.loads(report.manifest_path.read_text())["views_skipped"] == report.views_skipped
+    doc = json.loads(report.manifest_path.read_text())
+    assert doc["views_skipped"] == report.views_skipped and doc["left_out"] == report.left_out
 
 
-def test_wrong_image_size_skips_the_camera(render, tmp_path):
+def test_intrinsics_follow_the_image_size_and_another_aspect_skips_the_camera(render, tmp_path):
+    from rigs.geometry import Intrinsics
+
     root = _small_root(render, tmp_path)
-    full = load_rig(render / "rig.toml").cameras  # calibrated at 1280x960, the render is half that
-    with pytest.raises(ReconstructError, match=r"0 usable .*cam01 \(size 640x480, calibrated for 1280x960\)") as err:
-        run_motion(root, write_cameras(tmp_path / "full.json", full), tmp_path / "out")
-    assert err.value.facts["take"] == TAKE and not (tmp_path / "out").exists()
-    # one camera of the wrong size is skipped, the others tracked
     half = GroundTruth.find(render).cameras()
-    mixed = [full[0]] + [half[c] for c in ("cam09", "cam17")]
+    used = ("cam01", "cam09", "cam17")
+    # calibrated at 1280x960, the render is half that: the intrinsics follow the images, exactly
+    double = [Camera(c, half[c].intrinsics.scaled(2.0), half[c].pose) for c in used]
+    opts = _options(min_new_views=3)
+    report = run_motion(root, write_cameras(tmp_path / "full.json", double), tmp_path / "full", opts)
+    ref = run_motion(root, write_cameras(tmp_path / "half.json", [half[c] for c in used]), tmp_path / "half", opts)
+    assert report.cameras_used == list(used) and report.cameras_skipped == {}
+    assert report.rescaled == {c: "1280x960 -> 640x480" for c in used}
+    assert report.points.shape == ref.points.shape and report.points.shape[1] > 0
+    np.testing.assert_allclose(report.points, ref.points, atol=1e-6)
+    # another aspect ratio (a cropped sensor mode, not a resize): the camera goes whole
+    wide = {c: Camera(c, Intrinsics(1280, 720, *[getattr(double[i].intrinsics, k) for k in ("fx", "fy", "cx", "cy")],
+                                    double[i].intrinsics.dist), double[i].pose) for i, c in enumerate(used)}
+    with pytest.raises(ReconstructError, match=r"0 usable .*cam01 \(size 640x480, calibrated for 1280x720 "
+                                               r"\(another aspect ratio\)\)") as err:
+        run_motion(root, write_cameras(tmp_path / "wide.json", wide.values()), tmp_path / "out")
+    assert err.value.facts["take"] == TAKE and not (tmp_path / "out").exists()
+    # one camera of the wrong aspect is skipped, the others tracked
+    mixed = [wide["cam01"]] + [half[c] for c in ("cam09", "cam17")]
     report = run_motion(root, write_cameras(tmp_path / "mixed.json", mixed), tmp_path / "out", MotionOptions(max_frames=1))
     assert report.cameras_used == ["cam09", "cam17"] and list(report.cameras_skipped) == ["cam01"]
 

@@ -137,6 +137,15 @@ def test_a_result_that_disagrees_with_the_rig_is_refused(render, tmp_path, monke
         run_sfm(render, tmp_path / "out", SfmOptions(threads=2))
     assert info.value.facts["rms_m"] > 1e-6
     assert (tmp_path / "out" / "cameras.json").is_file()
+    # in the pipeline the refused result is a failed stage (exit 7 from the CLI), and no camera is used
+    from reconstruct.pipeline import ReconstructOptions, run_reconstruct
+
+    rep = run_reconstruct(render, ReconstructOptions(stages=("cameras", "mesh"), cameras_from="sfm"),
+                          out_dir=tmp_path / "recon")
+    assert list(rep.failed) == ["cameras", "mesh"] and "disagree with the rig file" in rep.failed["cameras"]
+    assert rep.stages["mesh"] == {"status": "failed", "reason": "needs cameras, which failed"}
+    assert (tmp_path / "recon" / "sfm" / "cameras.json").is_file()  # the model, for inspection
+    assert not (tmp_path / "recon" / "cameras.json").exists()  # but not the cameras the later stages read
 
 
 def test_plain_folder_uses_file_stems_skips_unreadable_and_lists_unregistered(render, tmp_path):
@@ -148,7 +157,7 @@ def test_plain_folder_uses_file_stems_skips_unreadable_and_lists_unregistered(re
     _write(photos / "cam05.png", np.full((480, 640, 3), (40, 140, 50), np.uint8))  # a wall: nothing to match
     result = run_sfm(photos, tmp_path / "out", SfmOptions(threads=2),
                      rig_path=resolve_rig_path("virtual-ring-24"))
-    assert result.skipped_images == {"broken.jpg": "unreadable"}
+    assert result.skipped_images == {"broken.jpg": "cannot be decoded: not an image file"}
     assert result.unregistered["cam05"] == "no verified matches with other cameras"
     assert set(result.registered) | set(result.unregistered) == {*CAMERAS, "cam05"}
     assert "cam05" not in result.cameras and "broken" not in result.cameras
@@ -160,7 +169,8 @@ def test_plain_folder_uses_file_stems_skips_unreadable_and_lists_unregistered(re
           f"{score['median_position_mm']:.1f} / {score['max_position_mm']:.1f} mm")
     assert score["max_position_mm"] < 150 and score["max_rotation_deg"] < 6
     doc = json.loads(result.cameras_path.read_text())
-    assert doc["skipped_images"] == {"broken.jpg": "unreadable"} and "cam05" in doc["unregistered"]
+    assert doc["skipped_images"] == {"broken.jpg": "cannot be decoded: not an image file"}
+    assert "cam05" in doc["unregistered"]
 
 
 # ----------------------------------------------------------------------------- bad input
