@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from reconstruct.inputs import GroundTruth, find_take, read_cameras, take_images
+from reconstruct.inputs import GroundTruth, find_take, read_cameras, verified_images
 from rigs.errors import TwinstudioError
 from rigs.fileio import atomic_write_bytes, atomic_write_json, copy_file
 from rigs.geometry import Camera, opencv_to_nerfstudio_c2w
@@ -217,7 +217,10 @@ def export_dataset(root: Path | str, out_dir: Path | str | None = None, options:
     items: list[tuple[str, str, int, Path, Path, str, float]] = []
     for tk in takes:
         lighting = frame_lighting(root, tk)
-        for cam, frames in take_images(root, tk).items():
+        checked = verified_images(root, tk)  # against session.json: a damaged frame never reaches the twin
+        skipped.update({Path(p).relative_to(root / "takes").with_suffix("").as_posix(): f"left out: {why}"
+                        for p, why in checked.left_out.items()})
+        for cam, frames in checked.images.items():
             if cam not in cameras:
                 skipped[cam] = f"not in {cameras_path.name} (uncalibrated)"
                 continue

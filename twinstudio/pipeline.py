@@ -70,14 +70,18 @@ def run_demo(out: Path, rig: str, *, scale: float = 1.0, frames: int | None = No
     console.print(f"virtual studio renders and ground truth (depth, masks, meshes, joints): {path / '.virtual'}",
                   markup=False)
     if reconstruct:
-        _reconstruct(path, plain, console)
+        rep = _reconstruct(path, plain, console)
         if train and _train(path, plain, console):
             _bundle(path, out, plain, console)
+        if rep.failed:  # the demo asked for every stage: one that produced nothing is a failure (exit 7)
+            from reconstruct.pipeline import StageFailed
+
+            raise StageFailed(rep.failed, rep.path)
     return path
 
 
-def _reconstruct(session: Path, plain: bool, console: Console) -> None:
-    """Reconstruct the demo session and print the accuracy table against the ground truth."""
+def _reconstruct(session: Path, plain: bool, console: Console):
+    """Reconstruct the demo session and print the accuracy table against the ground truth; -> the report."""
     import json
 
     from reconstruct.pipeline import ReconstructOptions, run_reconstruct
@@ -88,6 +92,7 @@ def _reconstruct(session: Path, plain: bool, console: Console) -> None:
         rep = run_reconstruct(session, ReconstructOptions(), on_event=on_event)
     print_accuracy(json.loads(rep.path.read_text()))
     console.print(f"reconstructed in {rep.seconds:.0f} s; report {rep.path}", markup=False)
+    return rep
 
 
 #: the demo's GPU run: long enough to pass 30 dB on held-out cameras, short enough for a demo

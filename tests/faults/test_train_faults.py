@@ -199,21 +199,32 @@ def test_export_shares_no_inode_and_a_changed_image_is_not_kept(session, tmp_pat
         copy = ds / "images" / "cam01_stills-001_000000.jpg"
         assert copy.read_bytes() == src.read_bytes()
 
-    # the take's image changes by hand: same size, same mtime, other bytes (the JFIF pixel density)
-    old = src.read_bytes()
-    st = src.stat()
+    # an exported copy changes by hand: same size, same mtime, other bytes (the JFIF pixel density)
+    copy = out / "images" / "cam01_stills-001_000000.jpg"
+    old = copy.read_bytes()
+    st = copy.stat()
     assert old[6:11] == b"JFIF\0"
-    new = old[:14] + bytes([old[14] ^ 0x01, old[15] ^ 0x48]) + old[16:]
-    src.write_bytes(new)
-    os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns))
-    assert src.stat().st_size == st.st_size and src.stat().st_mtime_ns == st.st_mtime_ns and new != old
-
-    for ds in (out, s / "train" / "dataset"):
-        _ok(twinstudio("train", "export", s, "--out", ds, home=home))
-        copy = ds / "images" / "cam01_stills-001_000000.jpg"
-        assert copy.read_bytes() == new, f"{copy} kept the stale image"
-        assert (copy.stat().st_dev, copy.stat().st_ino) != (src.stat().st_dev, src.stat().st_ino)
+    copy.write_bytes(old[:14] + bytes([old[14] ^ 0x01, old[15] ^ 0x48]) + old[16:])
+    os.utime(copy, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert copy.stat().st_size == st.st_size and copy.stat().st_mtime_ns == st.st_mtime_ns
+    assert copy.read_bytes() != src.read_bytes()
+    _ok(twinstudio("train", "export", s, "--out", out, home=home))
+    assert copy.read_bytes() == src.read_bytes(), f"{copy} kept the stale image"  # same size is not same file
     assert not _file_ids(out).keys() & _file_ids(s).keys()
+
+
+def test_export_leaves_out_a_take_image_that_no_longer_matches_the_session(session, tmp_path):
+    s, home = session
+    src = s / "takes" / "stills-001" / "cam01" / "000000.jpg"
+    old = src.read_bytes()
+    src.write_bytes(old[:14] + bytes([old[14] ^ 0x01, old[15] ^ 0x48]) + old[16:])  # same size, other bytes
+    out = tmp_path / "ds"
+    r = twinstudio("train", "export", s, "--out", out, home=home)
+    _ok(r)
+    assert "stills-001/cam01/000000: left out: sha256" in _flat(r.stdout)
+    doc = json.loads((out / "transforms.json").read_text())
+    assert "images/cam01_stills-001_000000.jpg" not in {f["file_path"] for f in doc["frames"]}
+    assert not (out / "images" / "cam01_stills-001_000000.jpg").exists()
 
 
 # ----------------------------------------------------------------------------- item 14: a run folder runs no code

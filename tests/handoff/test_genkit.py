@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from capture.consent import ConsentError, ConsentInputError, ConsentRecord, add_consent, revoke_consent
-import reconstruct.inputs
+from capture.session import FramePlan, FrameRecord, SessionManifest, TakeRecord
 from reconstruct.inputs import write_cameras
+from rigs.fileio import sha256_file
 from rigs.geometry import Camera, Intrinsics, look_at
 from train.handoff import genkit
 from train.handoff.genkit import (
@@ -63,7 +64,7 @@ def make_capture(root: Path, monkeypatch: pytest.MonkeyPatch, *, extra_cameras: 
     """A capture root: a session of SUBJECT with consent for ``scopes``, cameras.json, a stills take of 3
     lighting steps with images and masks."""
     root.mkdir(parents=True)
-    (root / "session.json").write_text(json.dumps({"subject_id": SUBJECT}))  # all of it the kit reads
+    (root / "session.json").write_text(json.dumps({"subject_id": SUBJECT}))  # the subject, for add_consent
     today = dt.date.today()
     add_consent(root, ConsentRecord(subject_id=SUBJECT, agency="Nova", scopes=list(scopes), purposes=["e-commerce"],
                                     markets=["EU"], valid_from=today, valid_until=today + dt.timedelta(days=30),
@@ -83,9 +84,18 @@ def make_capture(root: Path, monkeypatch: pytest.MonkeyPatch, *, extra_cameras: 
             img[mask > 0, 1] += np.uint8(10 * frame)
             cv2.imwrite(str(img_dir / f"{frame:06d}.jpg"), img, [cv2.IMWRITE_JPEG_QUALITY, 95])
             cv2.imwrite(str(mask_dir / f"{frame:06d}.mask.png"), mask)
-    # session.json holds only the subject: answer for the manifest what a captured stills-001 would
+    # the session manifest of a captured stills-001: every frame with its sha256 (what the kit verifies)
+    captured: dict[str, dict[int, FrameRecord]] = {}
+    for img in sorted((root / "takes" / TAKE).glob("*/*.jpg")):
+        captured.setdefault(img.parent.name, {})[int(img.stem)] = FrameRecord(
+            path=img.relative_to(root).as_posix(), sha256=sha256_file(img), size=img.stat().st_size)
+    take = TakeRecord(id=TAKE, kind="stills", status="complete", cameras=sorted(captured),
+                      frames=[FramePlan(index=f, step=STEPS[f][0]) for f in STEPS], started_at=0.0,
+                      captured=captured)
+    manifest = SessionManifest(subject_id=SUBJECT, rig="virtual-ring-24", rig_sha256="0" * 64, created_at=0.0,
+                               takes={TAKE: take})
+    (root / "session.json").write_text(manifest.model_dump_json(by_alias=True))
     monkeypatch.setattr(genkit, "frame_lighting", lambda r, t: dict(STEPS))
-    monkeypatch.setattr(reconstruct.inputs, "list_takes", lambda r, kind=None: [TAKE])
     return root
 
 
@@ -255,7 +265,8 @@ def test_skips_missing_and_empty_masks_bad_images_and_uncalibrated_cameras(tmp_p
     assert "uncalibrated" in r.skipped["cam99"]
     assert r.skipped[f"{TAKE}/cam02/000001"].startswith("no mask")
     assert r.skipped[f"{TAKE}/cam03/000000"].startswith("empty mask")
-    assert r.skipped[f"{TAKE}/cam04/000002"].startswith("unreadable image")
+    assert r.skipped[f"{TAKE}/cam04/000002"].startswith("left out: ")  # it no longer matches session.json
+    assert "session.json records" in r.skipped[f"{TAKE}/cam04/000002"]
     names = {rec["file_name"] for rec in _lines(r)}
     assert "images/cam02_key-fill-rim.jpg" not in names and "images/cam02_flat.jpg" in names
     assert not (r.out_dir / "images" / "cam03_flat.jpg").exists()

@@ -94,7 +94,7 @@ from pathlib import Path
 
 import numpy as np
 
-from reconstruct.inputs import GroundTruth, find_take, read_cameras, take_images
+from reconstruct.inputs import GroundTruth, find_take, read_cameras, verified_images
 from rigs.errors import TwinstudioError
 from rigs.fileio import TMP_SUFFIX, atomic_write_bytes
 from rigs.geometry import Camera, pixel_rays
@@ -439,7 +439,8 @@ def build_generation_kit(root: Path | str, out_dir: Path | str, subject_id: str,
     cameras = _read_cameras_checked(cameras_path)
     try:
         take = find_take(root, "stills", options.take)
-        images = take_images(root, take)
+        checked = verified_images(root, take)  # against session.json: a damaged frame is never shipped
+        images = checked.images
         lighting = frame_lighting(root, take)
     except TwinstudioError as e:
         raise KitError(f"{root}: {e}", path=str(root), take=options.take) from e
@@ -457,7 +458,8 @@ def build_generation_kit(root: Path | str, out_dir: Path | str, subject_id: str,
             raise KitError(f"lighting step(s) {', '.join(unknown)} are not in take {take} "
                            f"(steps: {', '.join(sorted(steps))})", preset=unknown[0], take=take)
 
-    skipped: dict[str, str] = {}
+    skipped: dict[str, str] = {Path(p).relative_to(root / "takes").with_suffix("").as_posix():
+                               f"left out: {why}" for p, why in checked.left_out.items()}
     # (camera, frame, step, image path, mask path)
     items: list[tuple[str, int, str, Path, Path]] = []
     for cam in sorted(images):
