@@ -50,6 +50,8 @@ bench: setup
 	$(PY) benchmarks/reconstruct.py
 	$(PY) benchmarks/train_cpu.py
 	$(PY) benchmarks/bundle.py
+	$(PY) benchmarks/faults.py
+	$(PY) benchmarks/verify_inputs.py
 
 clean:
 	rm -rf out .pytest_cache
