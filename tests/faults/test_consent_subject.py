@@ -43,3 +43,20 @@ def test_a_record_of_somebody_else_opens_no_door(tmp_path):
     assert add_consent(s).returncode == 0
     r = run("capture", "stills", "--session", s, "--plain", "--virtual-source", "pattern")
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_a_record_of_somebody_else_opens_no_later_door(tmp_path):
+    from tests.handoff.sessions import ALL_SCOPES, consent, make_session, twinstudio
+
+    s = make_session(tmp_path / "s")
+    home = tmp_path / "home"
+    assert twinstudio("keys", "init", home=home).returncode == 0
+    other = consent(ALL_SCOPES, subject="somebody-else")
+    (s / "consent.json").write_text(ConsentFile(records=[other]).model_dump_json(by_alias=True))  # by hand
+    for args in (("reconstruct", "masks", s), ("reconstruct", "run", s, "--cameras-from", "existing"),
+                 ("train", "export", s, "--out", tmp_path / "ds"), ("train", "run", s, "--device", "cpu"),
+                 ("bundle", s, "--out", tmp_path / "twin.tar")):
+        r = twinstudio(*args, home=home)
+        assert r.returncode == 4, (args, r.stdout, r.stderr)
+        assert "is for subject 'somebody-else', not this session's 'subj-007'" in _flat(r.stderr), args
+    assert not (tmp_path / "ds").exists() and not (tmp_path / "twin.tar").exists()
