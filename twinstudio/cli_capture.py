@@ -205,8 +205,9 @@ def _summary(rec) -> None:
     missing = rec.missing()
     skew = f"{rec.skew_s * 1000:.1f} ms" if rec.skew_s is not None else "-"
     style = "green" if rec.status == "complete" else "yellow"
-    _console().print(f"[{style}]{escape(rec.id)}[/]: {rec.status}, {sum(len(v) for v in rec.captured.values())} frames, "
-                     f"{len(missing)} missing, skew {skew}")
+    frames = sum(len(v) for v in rec.captured.values())
+    _console().print(f"[{style}]{escape(rec.id)}[/]: {rec.status}, {frames} frames, {len(missing)} missing, "
+                     f"skew {skew}")
     for flag in rec.qa_flags:
         _console().print(f"  [yellow]qa[/] {escape(flag)}", highlight=False)
     if missing:

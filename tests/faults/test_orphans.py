@@ -6,9 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import time
-from pathlib import Path
 
-import pytest
 
 from tests.faults.cli import alive, descendants, start
 

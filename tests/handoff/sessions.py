@@ -34,18 +34,17 @@ def consent(scopes=ALL_SCOPES, *, days: int = 30, subject: str = SUBJECT):
                          compensation_ref="INV-7", document_sha256="a" * 64)
 
 
-def make_session(root: Path, scopes=ALL_SCOPES, *, render_scale: float = 0.1) -> Path:
-    """A session at ``root``: consent for ``scopes``, a stills take, cameras, masks, dataset, run ``twin``."""
+def captured_session(root: Path, scopes=("capture", "train"), *, render_scale: float = 0.1) -> str:
+    """A session at ``root`` with consent for ``scopes``, a captured stills take, the virtual studio's
+    cameras (cameras.json, COLMAP model) and masks as its reconstruction; returns the take id."""
     from capture.consent import add_consent
     from capture.orchestrator import CaptureOptions, prepare_virtual_studio, run_take
     from capture.session import Session
     from reconstruct.colmap_io import write_colmap_text
     from reconstruct.inputs import GroundTruth, write_cameras
-    from train.dataset import export_dataset
-    from train.splat_ply import SplatParams, write_splat_ply
 
     s = Session.create(root, "virtual-ring-24", SUBJECT)
-    add_consent(root, consent(("capture", "train")))  # capture and export need these; the bundle's record follows
+    add_consent(root, consent(scopes))
     opts = CaptureOptions(render_scale=render_scale)
     prepare_virtual_studio(s, ("stills",), opts)
     take = run_take(s, "stills", opts).id
@@ -57,6 +56,16 @@ def make_session(root: Path, scopes=ALL_SCOPES, *, render_scale: float = 0.1) ->
         dst = root / "recon" / "masks" / take / src.parent.name / src.name
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(src, dst)
+    return take
+
+
+def make_session(root: Path, scopes=ALL_SCOPES, *, render_scale: float = 0.1) -> Path:
+    """A session at ``root``: consent for ``scopes``, a stills take, cameras, masks, dataset, run ``twin``."""
+    from train.dataset import export_dataset
+    from train.splat_ply import SplatParams, write_splat_ply
+
+    # capture and export need these scopes; the bundle's record follows
+    captured_session(root, ("capture", "train"), render_scale=render_scale)
     export_dataset(root)
     run = root / "train" / "twin"
     run.mkdir(parents=True)

@@ -19,7 +19,7 @@ import pytest
 
 pytest.importorskip("nerfstudio")
 
-from capture.consent import ConsentError, ConsentRecord, add_consent, load_consents, revoke_consent  # noqa: E402
+from capture.consent import ConsentError, load_consents, revoke_consent  # noqa: E402
 from train.handoff.bundle import BundleOptions, build_bundle  # noqa: E402
 from train.handoff.integrity import BundleError, init_keys, load_private_key  # noqa: E402
 from train.handoff.revocations import entry_of, issue  # noqa: E402
@@ -32,32 +32,12 @@ KIT = 96  # generation-kit crop size for the tests (1024 in real bundles)
 @pytest.fixture(scope="module")
 def session(tmp_path_factory):
     """A virtual session at 320x240: stills captured, cameras and masks from ground truth, mesh, a short twin."""
-    from capture.orchestrator import CaptureOptions, prepare_virtual_studio, run_take
-    from capture.session import Session
-    from reconstruct.colmap_io import write_colmap_text
-    from reconstruct.inputs import GroundTruth, write_cameras
     from reconstruct.mesh import MeshOptions, run_mesh
+    from tests.handoff.sessions import ALL_SCOPES, captured_session
     from train.runner import TrainOptions, run_training
 
     root = tmp_path_factory.mktemp("handoff") / "session"
-    s = Session.create(root, "virtual-ring-24", SUBJECT)
-    today = dt.date.today()
-    add_consent(root, ConsentRecord(subject_id=SUBJECT, agency="Nova Models",
-                                    scopes=["capture", "train", "generate", "share"],
-                                    purposes=["e-commerce"], markets=["EU"], valid_from=today,
-                                    valid_until=today + dt.timedelta(days=30), compensation_ref="INV-7",
-                                    document_sha256="a" * 64))
-    opts = CaptureOptions(render_scale=0.25)
-    prepare_virtual_studio(s, ("stills",), opts)
-    take = run_take(s, "stills", opts).id
-    gt = GroundTruth.find(root)
-    cams = gt.cameras()
-    write_cameras(root / "recon" / "cameras.json", cams.values(), method="ground-truth")
-    write_colmap_text(root / "recon" / "colmap", list(cams.values()))
-    for src in gt.take_dir(take).glob("cam*/*.mask.png"):
-        dst = root / "recon" / "masks" / take / src.parent.name / src.name
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(src, dst)
+    take = captured_session(root, ALL_SCOPES, render_scale=0.25)
     run_mesh(root, root / "recon" / "cameras.json", root / "recon" / "mesh" / take, take=take,
              options=MeshOptions(voxel_mm=16.0, levels=3, refine=False), score_points=10_000)
     run_training(root, TrainOptions(device="cpu", iterations=20, downscale=4, turntable_frames=3))

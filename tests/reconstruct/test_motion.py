@@ -303,7 +303,8 @@ def test_intrinsics_follow_the_image_size_and_another_aspect_skips_the_camera(re
     assert err.value.facts["take"] == TAKE and not (tmp_path / "out").exists()
     # one camera of the wrong aspect is skipped, the others tracked
     mixed = [wide["cam01"]] + [half[c] for c in ("cam09", "cam17")]
-    report = run_motion(root, write_cameras(tmp_path / "mixed.json", mixed), tmp_path / "out", MotionOptions(max_frames=1))
+    report = run_motion(root, write_cameras(tmp_path / "mixed.json", mixed), tmp_path / "out",
+                        MotionOptions(max_frames=1))
     assert report.cameras_used == ["cam09", "cam17"] and list(report.cameras_skipped) == ["cam01"]
 
 

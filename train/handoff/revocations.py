@@ -404,8 +404,9 @@ def revocation_status(issuer: str | None, trusted: dict[bytes, TrustedKey], *, l
 
     Uses the list held from ``issuer`` or ``list_path`` (a published list
     file), whichever has the higher serial: an older list hides nothing.
-    "checked" when a list by ``issuer``, whose key is trusted, is there and current; "stale" when past its next update (its entries still
-    count); "unknown" otherwise, with the reason. A given list that cannot be
+    "checked" when a list by ``issuer``, whose key is trusted, is there and
+    current; "stale" when past its next update (its entries still count);
+    "unknown" otherwise, with the reason. A given list that cannot be
     read or whose signature fails raises (:func:`read_list`).
     """
     now = _utc(now or dt.datetime.now(dt.timezone.utc))
