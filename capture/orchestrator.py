@@ -361,7 +361,7 @@ def _shoot_take(session: Session, take_id: str, only: set[tuple[str, int]] | Non
                 raise
             current_step = None
             gone: set[str] = set()  # cameras that disconnected during this take
-            t0 = time.monotonic()
+            t0: float | None = None  # motion: when the take's clock started
             for f in todo:
                 cams = [c for c in pool.cameras if only is None or (c, f.index) in only]
                 if gone & set(cams):
@@ -381,6 +381,8 @@ def _shoot_take(session: Session, take_id: str, only: set[tuple[str, int]] | Non
                 if take.kind == "calibration" and not rig.is_virtual and options.prompt:
                     options.prompt(f"place the board for pose {f.index + 1}/{len(take.frames)}, then continue")
                 if take.kind == "motion" and only is None:
+                    if t0 is None:  # the schedule starts with the first frame, after the lights have settled
+                        t0 = time.monotonic() - f.time
                     delay = t0 + f.time - time.monotonic()
                     if delay > 0:
                         time.sleep(delay)
