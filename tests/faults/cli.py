@@ -11,17 +11,39 @@ from pathlib import Path
 SUBJECT = "subj-042"
 
 
-def run(*args: str, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
-    """``twinstudio ARGS`` to completion; stdout and stderr as text."""
+def _env(home: Path | None) -> dict[str, str]:
+    env = {**os.environ, "COLUMNS": "250"}
+    if home is not None:  # else the test's own (tests/conftest.py gives every test one)
+        env["TWINSTUDIO_HOME"] = str(home)
+    env.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)  # the process's own defaults, as a user's shell has them
+    return env
+
+
+def run(*args, home: Path | None = None, timeout: float = 600, **kw) -> subprocess.CompletedProcess:
+    """``twinstudio ARGS`` to completion (with studio home ``home``); stdout and stderr as text."""
     return subprocess.run([sys.executable, "-m", "twinstudio", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "COLUMNS": "200"}, **kw)
+                          timeout=timeout, env=_env(home), **kw)
 
 
-def start(*args: str, **kw) -> subprocess.Popen:
+def start(*args, home: Path | None = None, **kw) -> subprocess.Popen:
     """``twinstudio ARGS`` in the background, in its own process group."""
     return subprocess.Popen([sys.executable, "-m", "twinstudio", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, "COLUMNS": "200"}, **kw)
+                            stderr=subprocess.STDOUT, start_new_session=True, env=_env(home), **kw)
+
+
+def flat(text: str) -> str:
+    """``text`` with every run of whitespace (rich's line wrapping included) made one space."""
+    return " ".join(text.split())
+
+
+def file_ids(root: Path) -> dict[tuple[int, int], str]:
+    """``{(st_dev, st_ino): relative path}`` of every regular file under ``root`` (symlinks not followed)."""
+    out = {}
+    for p in root.rglob("*"):
+        st = p.lstat()
+        if p.is_file() and not p.is_symlink():
+            out[(st.st_dev, st.st_ino)] = p.relative_to(root).as_posix()
+    return out
 
 
 def add_consent(session: Path, subject: str = SUBJECT, scopes=("capture", "train", "generate", "share"),

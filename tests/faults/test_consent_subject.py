@@ -6,11 +6,7 @@ import datetime as dt
 import json
 
 from capture.consent import ConsentFile, ConsentRecord
-from tests.faults.cli import SUBJECT, add_consent, run
-
-
-def _flat(text: str) -> str:
-    return " ".join(text.split())
+from tests.faults.cli import SUBJECT, add_consent, flat, run
 
 
 def test_a_record_of_somebody_else_is_refused_when_added(tmp_path):
@@ -18,7 +14,7 @@ def test_a_record_of_somebody_else_is_refused_when_added(tmp_path):
     assert run("capture", "start", "--session", s, "--rig", "virtual-ring-24", "--subject", SUBJECT).returncode == 0
     r = add_consent(s, subject="somebody-else")
     assert r.returncode == 2, r.stdout + r.stderr
-    assert f"is for subject '{SUBJECT}'; a consent record of 'somebody-else' cannot be added" in _flat(r.stderr)
+    assert f"is for subject '{SUBJECT}'; a consent record of 'somebody-else' cannot be added" in flat(r.stderr)
     assert not (s / "consent.json").exists()
 
 
@@ -32,7 +28,7 @@ def test_a_record_of_somebody_else_opens_no_door(tmp_path):
     (s / "consent.json").write_text(ConsentFile(records=[other]).model_dump_json(by_alias=True))  # by hand
     r = run("capture", "stills", "--session", s, "--plain", "--virtual-source", "pattern")
     assert r.returncode == 4, r.stdout + r.stderr
-    assert f"is for subject 'somebody-else', not this session's '{SUBJECT}'" in _flat(r.stderr)
+    assert f"is for subject 'somebody-else', not this session's '{SUBJECT}'" in flat(r.stderr)
     assert b"take_start" not in (s / "journal.jsonl").read_bytes()
     show = run("consent", "show", "--session", s)
     assert "another subject" in show.stdout
@@ -58,5 +54,5 @@ def test_a_record_of_somebody_else_opens_no_later_door(tmp_path):
                  ("bundle", s, "--out", tmp_path / "twin.tar")):
         r = twinstudio(*args, home=home)
         assert r.returncode == 4, (args, r.stdout, r.stderr)
-        assert "is for subject 'somebody-else', not this session's 'subj-007'" in _flat(r.stderr), args
+        assert "is for subject 'somebody-else', not this session's 'subj-007'" in flat(r.stderr), args
     assert not (tmp_path / "ds").exists() and not (tmp_path / "twin.tar").exists()

@@ -27,10 +27,11 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.faults.cli import file_ids, flat, run as twinstudio
 
 pytest.importorskip("nerfstudio")
 
@@ -38,20 +39,8 @@ SUBJECT = "subj-042"
 TRAIN = ("--device", "cpu", "--downscale", "2", "--no-exports", "--plain")
 
 
-def twinstudio(*args, home: Path, timeout: float = 600) -> subprocess.CompletedProcess:
-    """The real CLI in a subprocess with its own studio home."""
-    env = {**os.environ, "TWINSTUDIO_HOME": str(home), "COLUMNS": "250"}
-    env.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)  # the process's own defaults, as a user's shell has them
-    return subprocess.run([sys.executable, "-m", "twinstudio", *map(str, args)], capture_output=True, text=True,
-                          env=env, timeout=timeout)
-
-
 def _ok(r: subprocess.CompletedProcess) -> None:
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-
-
-def _flat(text: str) -> str:
-    return " ".join(text.split())
 
 
 def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
@@ -146,8 +135,8 @@ def test_every_train_door_checks_consent_and_writes_nothing(session, tmp_path, c
                  ("train", "eval", s, "--device", "cpu", "--plain")):
         r = twinstudio(*args, home=home)
         assert r.returncode == 4, (args, r.stdout[-2000:], r.stderr[-2000:])
-        assert "no consent in force covers 'train'" in _flat(r.stderr), (args, r.stderr)
-        assert expect in _flat(r.stderr), (args, r.stderr)
+        assert "no consent in force covers 'train'" in flat(r.stderr), (args, r.stderr)
+        assert expect in flat(r.stderr), (args, r.stderr)
         assert "Traceback" not in r.stderr
     assert _snapshot(s) == before  # nothing new, nothing changed: not a dataset, a run folder or a checkpoint
     assert not out.exists()
@@ -175,24 +164,19 @@ def test_a_run_on_a_dataset_of_a_session_without_consent_is_refused(session, tmp
     before = _snapshot(s)
     r = twinstudio("train", "run", s, "--run", "fresh", "--iterations", "5", *TRAIN, home=home)
     assert r.returncode == 4, r.stdout[-2000:] + r.stderr[-2000:]
-    assert "does not cover 'train'" in _flat(r.stderr)
+    assert "does not cover 'train'" in flat(r.stderr)
     assert _snapshot(s) == before
 
 
 # ----------------------------------------------------------------------------- item 11: a private copy
 
 
-def _file_ids(root: Path) -> dict[tuple[int, int], str]:
-    return {(p.lstat().st_dev, p.lstat().st_ino): p.relative_to(root).as_posix()
-            for p in root.rglob("*") if p.is_file() and not p.is_symlink()}
-
-
 def test_export_shares_no_inode_and_a_changed_image_is_not_kept(session, tmp_path):
     s, home = session
     out = tmp_path / "ds"
     _ok(twinstudio("train", "export", s, "--out", out, home=home))
-    shared = _file_ids(out).keys() & _file_ids(s).keys()
-    assert not shared, sorted(_file_ids(out)[k] for k in shared)[:10]
+    shared = file_ids(out).keys() & file_ids(s).keys()
+    assert not shared, sorted(file_ids(out)[k] for k in shared)[:10]
     src = s / "takes" / "stills-001" / "cam01" / "000000.jpg"
     assert src.stat().st_nlink == 1
     for ds in (out, s / "train" / "dataset"):  # a new folder, and the one the fixture's run exported
@@ -210,7 +194,7 @@ def test_export_shares_no_inode_and_a_changed_image_is_not_kept(session, tmp_pat
     assert copy.read_bytes() != src.read_bytes()
     _ok(twinstudio("train", "export", s, "--out", out, home=home))
     assert copy.read_bytes() == src.read_bytes(), f"{copy} kept the stale image"  # same size is not same file
-    assert not _file_ids(out).keys() & _file_ids(s).keys()
+    assert not file_ids(out).keys() & file_ids(s).keys()
 
 
 def test_export_leaves_out_a_take_image_that_no_longer_matches_the_session(session, tmp_path):
@@ -221,7 +205,7 @@ def test_export_leaves_out_a_take_image_that_no_longer_matches_the_session(sessi
     out = tmp_path / "ds"
     r = twinstudio("train", "export", s, "--out", out, home=home)
     _ok(r)
-    assert "stills-001/cam01/000000: left out: sha256" in _flat(r.stdout)
+    assert "stills-001/cam01/000000: left out: sha256" in flat(r.stdout)
     doc = json.loads((out / "transforms.json").read_text())
     assert "images/cam01_stills-001_000000.jpg" not in {f["file_path"] for f in doc["frames"]}
     assert not (out / "images" / "cam01_stills-001_000000.jpg").exists()
@@ -278,7 +262,7 @@ def test_eval_refuses_a_crafted_config_and_runs_none_of_it(session, tmp_path):
     before = _snapshot(s)
     r = twinstudio("train", "eval", s, "--run", "evil", "--device", "cpu", "--plain", home=home)
     assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
-    err = _flat(r.stderr)
+    err = flat(r.stderr)
     line = 1 + next(i for i, x in enumerate((run / "config.yml").read_text().splitlines()) if "os.system" in x)
     assert f"evil/config.yml:{line}:15: not read: refused 'os.system'" in err, err
     assert "Traceback" not in r.stderr
@@ -295,7 +279,7 @@ def test_eval_refuses_a_crafted_checkpoint_and_runs_none_of_it(session, tmp_path
     before = _snapshot(s)
     r = twinstudio("train", "eval", s, "--run", "evil", "--device", "cpu", "--plain", home=home)
     assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
-    err = _flat(r.stderr)
+    err = flat(r.stderr)
     assert "step-000000009.ckpt: refused: a checkpoint may hold only tensors and plain values" in err, err
     assert re.search(r"Unsupported global: GLOBAL (io|builtins)\.open was not an allowed global", err), err
     assert not marker.exists()
@@ -310,7 +294,7 @@ def test_resume_refuses_a_crafted_checkpoint_and_runs_none_of_it(session, tmp_pa
     before = _snapshot(s)
     r = twinstudio("train", "run", s, "--iterations", "20", *TRAIN, home=home)  # resumes from the latest
     assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
-    assert "step-000000009.ckpt: refused" in _flat(r.stderr)
+    assert "step-000000009.ckpt: refused" in flat(r.stderr)
     assert "Traceback" not in r.stderr
     assert not marker.exists()
     assert _snapshot(s) == before  # refused before anything was written (config.yml included)
@@ -340,7 +324,7 @@ def test_eval_of_a_run_whose_metrics_hold_nan_writes_strict_json(session):
     assert ev["summary"]["lpips"] is None and "AlexNet" in ev["summary"]["undefined"]["lpips"]
     assert all(row["lpips"] is None for row in ev["images"])
     assert m["eval"]["lpips"] is None
-    assert "lpips: - (not computed" in _flat(r.stdout)
+    assert "lpips: - (not computed" in flat(r.stdout)
 
 
 def test_a_resumed_run_with_no_step_left_writes_none_with_reasons(session):

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tests.faults.cli import file_ids, run as twinstudio  # noqa: F401 - the CLI helpers these tests use
+
 SUBJECT = "subj-007"
 ALL_SCOPES = ("capture", "train", "generate", "share")
 
@@ -82,24 +84,3 @@ def make_session(root: Path, scopes=ALL_SCOPES, *, render_scale: float = 0.1) ->
     doc["records"][0]["scopes"] = list(scopes)
     (root / "consent.json").write_text(json.dumps(doc))
     return root
-
-
-def file_ids(root: Path) -> dict[tuple[int, int], str]:
-    """``{(st_dev, st_ino): relative path}`` of every regular file under ``root`` (symlinks not followed)."""
-    out = {}
-    for p in root.rglob("*"):
-        st = p.lstat()
-        if p.is_file() and not p.is_symlink():
-            out[(st.st_dev, st.st_ino)] = p.relative_to(root).as_posix()
-    return out
-
-
-def twinstudio(*args, home: Path, timeout: float = 300):
-    """Run the real CLI in a subprocess with ``TWINSTUDIO_HOME=home``; returns the CompletedProcess."""
-    import os
-    import subprocess
-    import sys
-
-    env = {**os.environ, "TWINSTUDIO_HOME": str(home), "COLUMNS": "250"}
-    return subprocess.run([sys.executable, "-m", "twinstudio", *map(str, args)], capture_output=True, text=True,
-                          env=env, timeout=timeout)
