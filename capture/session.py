@@ -250,11 +250,15 @@ class Journal:
         from rigs.fileio import atomic_write_bytes
 
         atomic_write_bytes(aside, scan.torn)
+        self.truncate(scan.good_bytes)
+        return aside
+
+    def truncate(self, size: int) -> None:
+        """Cut the journal to its first ``size`` bytes, durably (writers only, after keeping the rest)."""
         with open(self.path, "r+b") as f:
-            f.truncate(scan.good_bytes)
+            f.truncate(size)
             f.flush()
             os.fsync(f.fileno())
-        return aside
 
 
 def _stamp() -> str:
@@ -617,10 +621,7 @@ def repair_journal(session_dir: Path | str, command: str | None = None) -> dict:
             cut = journal.path.with_name(f"{journal.path.name}.cut-{stamp}")
             atomic_write_bytes(backup, data)
             atomic_write_bytes(cut, data[scan.good_bytes:])
-            with open(journal.path, "r+b") as f:
-                f.truncate(scan.good_bytes)
-                f.flush()
-                os.fsync(f.fileno())
+            journal.truncate(scan.good_bytes)
             out.update(backup=backup.name, cut=cut.name, cut_events=data[scan.good_bytes:].count(b"\n"))
         session = Session.open(path)
         with session.writing(command):
