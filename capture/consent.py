@@ -224,6 +224,9 @@ def require_session_consent(root: Path | str, scope: str, *, photos_ok: bool = F
     root = Path(root)
     if (root / "session.json").is_file():
         return require_consent(root, scope)
+    if (root / "journal.jsonl").exists() or (root / CONSENT_FILE).exists():  # a session, its manifest gone
+        raise ConsentInputError(f"{root}: a session without its session.json, so its subject is unknown; "
+                                f"'twinstudio capture resume --session {root}' rebuilds it", path=str(root))
     if is_virtual_render(root) or photos_ok:
         return None
     raise ConsentInputError(f"{root}: not a capture session (no session.json), so no consent can be checked for "

@@ -104,10 +104,12 @@ class CameraPool:
         self._selector: selectors.BaseSelector | None = None
 
     def __enter__(self) -> CameraPool:
+        # the worker checks that its parent is still this process; a forkserver's children have another parent
+        me = os.getpid() if self.ctx.get_start_method() in ("fork", "spawn") else None
         for cid, spec in self.specs.items():
             parent, child = self.ctx.Pipe()
             p = self.ctx.Process(target=camera_worker,
-                                 args=(spec.model_dump_json(), self.driver_options, child, os.getpid()),
+                                 args=(spec.model_dump_json(), self.driver_options, child, me),
                                  name=f"camera-{cid}", daemon=True)
             p.start()
             child.close()

@@ -211,8 +211,8 @@ class Journal:
             end = offset + len(raw) + (1 if i < len(lines) - 1 else 0)
             if raw.strip():
                 try:
-                    if i == 0:  # the session line says which format the rest is in
-                        checksummed = _CRC_SUFFIX.search(raw) is not None
+                    if i == 0:  # the session line says which format the rest is in (damaged, it still says)
+                        checksummed = b'"crc":' in raw
                     events.append(_decode_line(raw, checksummed))
                 except ValueError as e:
                     if i == last:
@@ -481,11 +481,15 @@ class Session:
             if fresh:
                 aside = self.journal.cut_torn_tail()
                 self.manifest, self.torn_tail = _replay(self.journal)
-                if aside is not None:
-                    self.record([{"ev": "note", "t": _now(),
-                                  "text": f"torn final journal line cut off; its bytes are in {aside.name}"}])
-                    self.torn_aside = aside
+                self._torn_cut(aside)
             yield self
+
+    def _torn_cut(self, aside: Path | None) -> None:
+        """Journal that a torn final line was cut off into ``aside`` (None: there was none)."""
+        if aside is not None:
+            self.torn_aside = aside
+            self.record([{"ev": "note", "t": _now(),
+                          "text": f"torn final journal line cut off; its bytes are in {aside.name}"}])
 
     @property
     def rig(self) -> Rig:
@@ -623,9 +627,11 @@ def repair_journal(session_dir: Path | str, command: str | None = None) -> dict:
             atomic_write_bytes(cut, data[scan.good_bytes:])
             journal.truncate(scan.good_bytes)
             out.update(backup=backup.name, cut=cut.name, cut_events=data[scan.good_bytes:].count(b"\n"))
+        aside = journal.cut_torn_tail()  # a torn final line is no damage: set aside, as every writer does
         session = Session.open(path)
         with session.writing(command):
-            out["torn"] = session.torn_aside.name if session.torn_aside else None
+            session._torn_cut(aside)
+            out["torn"] = aside.name if aside else None
             if scan.bad_line is not None:
                 session.record([{"ev": "note", "t": _now(), "text": f"journal cut at line {scan.bad_line} "
                                  f"({scan.bad_reason}) by repair; backup {out['backup']}, cut lines {out['cut']}"}])

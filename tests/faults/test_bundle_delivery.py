@@ -119,6 +119,16 @@ def test_a_re_signed_bundle_is_never_valid_without_a_trusted_key(studio, tmp_pat
     assert "revocation status: unknown" in r.stdout and "trusted ('nova-studio')" in r.stdout
     r = twinstudio("verify", bundle, "--accept-stale-revocations", home=render)
     assert r.returncode == 0 and r.stdout.startswith("valid") and "unknown" in r.stdout, r.stdout
+
+    # a manifest edited into nonsense (and so no longer signed) is tampered, not a crash
+    for consent in ("xy", {"consent_id": []}):
+        broken = tmp_path / f"broken-{type(consent).__name__}"
+        shutil.copytree(bundle, broken)
+        m = json.loads((broken / MANIFEST).read_text())
+        m["consent"] = consent
+        (broken / MANIFEST).write_text(json.dumps(m))
+        r = twinstudio("verify", broken, home=render)
+        assert r.returncode == 3 and "Traceback" not in r.stderr, r.stdout + r.stderr
     r = twinstudio("verify", bundle, "--trusted-keys", tmp_path / "elsewhere", home=render)
     assert r.returncode == 5, r.stdout
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from rigs.fileio import sha256_file
-from tests.faults.cli import run
+from tests.faults.cli import flat, run
 
 FRAMES = 4
 
@@ -120,3 +120,31 @@ def test_a_damaged_middle_line_is_named_and_repair_cuts_there_after_a_backup(cli
     doc = json.loads((cli_session / "session.json").read_text())
     assert sum(len(f) for f in doc["takes"]["motion-001"]["captured"].values()) == 24 * FRAMES
     assert run("capture", "repair", "--session", cli_session).stdout.startswith("journal sound")
+
+
+def test_repair_sets_a_torn_final_line_aside_before_it_writes(cli_session):
+    _motion(cli_session)
+    journal = cli_session / "journal.jsonl"
+    lines = _lines(journal)
+    keep, torn = b"".join(lines[:-1]), lines[-1][:40]
+    journal.write_bytes(keep + torn)
+    r = run("capture", "repair", "--session", cli_session)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert flat(r.stdout).startswith("journal sound") and "torn final line was cut off" in flat(r.stdout)
+    aside, = cli_session.glob("journal.jsonl.torn-*")
+    assert aside.read_bytes() == torn
+    _assert_sound(journal)  # repair's own records follow the cut, not the torn bytes
+    assert run("capture", "resume", "--session", cli_session, "--plain", "--virtual-source", "pattern"
+               ).returncode == 0
+    _assert_files_listed(cli_session)
+
+
+def test_a_damaged_checksum_on_the_first_line_does_not_turn_checksums_off(cli_session):
+    _motion(cli_session)
+    journal = cli_session / "journal.jsonl"
+    lines = _lines(journal)
+    lines[0] = lines[0].replace(b'"crc":"', b'"crc":"z', 1)  # not hex any more
+    lines[1] = lines[1].replace(b',"crc":"', b',"xrc":"', 1)  # and a line without its checksum
+    journal.write_bytes(b"".join(lines))
+    r = run("capture", "status", "--session", cli_session)
+    assert r.returncode == 2 and "journal.jsonl:1: corrupt journal line" in flat(r.stderr), r.stderr

@@ -130,11 +130,15 @@ def test_edited_and_foreign_lists_are_refused(studio, tmp_path):
     r = twinstudio("revocations", "import", tmp_path / "forged.json", home=render)
     assert r.returncode == 5 and "not a trusted key" in r.stderr, r.stdout + r.stderr
     r = twinstudio("verify", bundle, "--revocations", tmp_path / "forged.json", home=render)
-    assert r.returncode == 6 and "not of this bundle's signer" in r.stdout, r.stdout + r.stderr
+    assert r.returncode == 6 and "not of the signer" in r.stdout and "was ignored" in r.stdout, r.stdout + r.stderr
 
     r = twinstudio("revocations", "import", tmp_path / "pub.json", home=render)
     assert r.returncode == 0
     assert twinstudio("verify", bundle, home=render).returncode == 4
+    # another issuer's list given explicitly hides nothing: the held list of the signer still revokes
+    for extra in ((), ("--accept-stale-revocations",)):
+        r = twinstudio("verify", bundle, "--revocations", tmp_path / "forged.json", *extra, home=render)
+        assert r.returncode == 4 and "withdrew" in r.stdout, r.stdout + r.stderr
 
 
 def test_a_stale_list_is_not_plain_valid(studio, tmp_path):

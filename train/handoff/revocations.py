@@ -415,18 +415,18 @@ def revocation_status(issuer: str | None, trusted: dict[bytes, TrustedKey], *, l
         return RevocationStatus("unknown", None, url, reason="the bundle names no signer whose list applies")
     held = held_list(issuer, store)
     signed, source = held, held_path(issuer, store)
+    ignored = ""  # a given list of another issuer hides nothing either: the held one still counts
     if list_path is not None:
         given = read_list(list_path)
         if given.issuer != issuer:
-            return RevocationStatus("unknown", issuer, url, source=Path(list_path),
-                                    reason=f"{list_path} is the list of key {given.issuer}, not of this bundle's "
-                                           f"signer {issuer}")
-        if held is None or given.serial >= held.serial:  # the newest list known counts: an old one hides nothing
+            ignored = f"{list_path} (the list of key {given.issuer}, not of the signer {issuer}) was ignored"
+        elif held is None or given.serial > held.serial:  # the newest list known counts: an old one hides nothing
             signed, source = given, Path(list_path)
     if signed is None:
-        return RevocationStatus("unknown", issuer, url,
+        return RevocationStatus("unknown", issuer, url, source=Path(list_path) if ignored else None,
                                 reason=f"no revocation list of key {issuer} is held; import the studio's "
-                                       f"current one with 'twinstudio revocations import FILE'{where}")
+                                       f"current one with 'twinstudio revocations import FILE'{where}"
+                                       + (f"; {ignored}" if ignored else ""))
     rl = signed.list
     facts = dict(serial=rl.serial, issued_at=rl.issued_at, next_update=rl.next_update, source=source)
     if signed.public_key not in trusted:
@@ -435,8 +435,8 @@ def revocation_status(issuer: str | None, trusted: dict[bytes, TrustedKey], *, l
     if rl.is_stale(now):
         return RevocationStatus("stale", issuer, url, **facts, revoked=rl.revoked_map(),
                                 reason=f"past its next update ({_iso(rl.next_update)}); fetch and import the "
-                                       f"studio's current list{where}")
-    return RevocationStatus("checked", issuer, url, **facts, revoked=rl.revoked_map())
+                                       f"studio's current list{where}" + (f"; {ignored}" if ignored else ""))
+    return RevocationStatus("checked", issuer, url, **facts, revoked=rl.revoked_map(), reason=ignored or None)
 
 
 def entry_of(consent_id: str, subject_id: str, revoked_at: dt.datetime | None, reason: str | None) -> RevokedEntry:

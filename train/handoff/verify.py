@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from rigs.errors import EXIT_CONSENT, EXIT_OK, EXIT_REVOCATION, EXIT_TAMPERED, EXIT_UNTRUSTED
@@ -72,10 +72,12 @@ def consent_problems(manifest: dict, today: dt.date, revoked: dict[str, dict]) -
 
     from capture.consent import ConsentRecord
 
-    c = dict(manifest.get("consent") or {})
+    c, subject = manifest.get("consent"), manifest.get("subject")
+    if not isinstance(c, dict) or not isinstance(subject, dict) or not isinstance(c.get("consent_id", ""), str):
+        return ["the manifest holds no usable consent terms (consent and subject must be objects)"]
     r = revoked.get(c.get("consent_id", ""))
     try:
-        rec = ConsentRecord.model_validate({**c, "subject_id": (manifest.get("subject") or {}).get("id"),
+        rec = ConsentRecord.model_validate({**c, "subject_id": subject.get("id"),
                                             "revoked_at": r.get("revoked_at") if r else None,
                                             "revocation_reason": r.get("reason") if r else None})
     except ValidationError as e:
@@ -120,16 +122,17 @@ def verify_bundle(bundle: Path | str, *, pubkey: Path | str | None = None, trust
 
     issuer, url = _publication(report.manifest)
     rev: RevocationStatus | None = None
+    problems: list[str] = []
     if report.ok:
-        if issuer is not None and issuer != report.key_id:
-            rev = RevocationStatus("unknown", issuer, url, reason=f"the manifest names key {issuer} as the "
-                                   f"revocation list's issuer, but the bundle is signed by key {report.key_id}")
-        else:
-            try:
-                rev = revocation_status(report.key_id, trusted, list_path=revocations, url=url, now=now)
-            except RevocationError as e:  # a list that cannot be used is unusable input, whatever is wrong with it
-                raise RevocationError(f"cannot use the revocation list: {e}", path=e.facts.get("path")) from e
-    problems = consent_problems(report.manifest or {}, today or now.date(), rev.revoked if rev else {})
+        try:
+            rev = revocation_status(report.key_id, trusted, list_path=revocations, url=url, now=now)
+        except RevocationError as e:  # a list that cannot be used is unusable input, whatever is wrong with it
+            raise RevocationError(f"cannot use the revocation list: {e}", path=e.facts.get("path")) from e
+        if issuer is not None and issuer != report.key_id:  # the signer's revocations still count
+            rev = replace(rev, state="unknown", reason=f"the manifest names key {issuer} as the "
+                                      f"revocation list's issuer, but the bundle is signed by key {report.key_id}")
+        # consent dates are days where the user is, as the studio's own gates judge them
+        problems = consent_problems(report.manifest or {}, today or dt.date.today(), rev.revoked)
     accepted = False
     if not report.ok:
         code = TAMPERED
