@@ -157,10 +157,55 @@ def _construct_object(loader: RunConfigLoader, suffix: str, node):
     obj = cls.__new__(cls)
     yield obj
     state = loader.construct_mapping(node, deep=True) if isinstance(node, yaml.MappingNode) else {}
-    if not all(isinstance(k, str) for k in state):
-        raise yaml.constructor.ConstructorError(None, None, f"{suffix}: field names must be strings",
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(str(k) for k in state if k not in fields)
+    if unknown:
+        raise yaml.constructor.ConstructorError(None, None, f"refused {suffix}: no field(s) {', '.join(unknown)}",
                                                 node.start_mark)
-    obj.__dict__.update(state)
+    for name, f in fields.items():  # every field set: the file's value where it has one, else the default
+        default = _field_default(f)
+        if name not in state:
+            if default is not dataclasses.MISSING:
+                obj.__dict__[name] = default
+            continue
+        value = state[name]
+        # what nerfstudio will build from the config must be of the kind the class expects: a ``_target`` a
+        # subclass of the default one, a nested config an instance of the default's class (or a subclass)
+        if name == "_target" and inspect.isclass(default):
+            target = getattr(value, "__origin__", value)  # a generic class (operator.getitem) counts as its origin
+            ok = inspect.isclass(target) and issubclass(target, _family_target(cls, default))
+        elif dataclasses.is_dataclass(default) and not inspect.isclass(default):
+            ok = isinstance(value, _config_base(type(default)))
+        else:
+            ok = True
+        if not ok:
+            raise yaml.constructor.ConstructorError(None, None, f"refused {suffix}.{name}: {value!r} is not what "
+                                                    f"{cls.__name__} expects there", node.start_mark)
+        obj.__dict__[name] = value
+
+
+def _family_target(cls: type, default: type) -> type:
+    """The most general ``_target`` class of ``cls``'s config family (a model config may build any Model)."""
+    f = next((f for f in dataclasses.fields(_config_base(cls)) if f.name == "_target"), None)
+    base = _field_default(f) if f is not None else None
+    return base if inspect.isclass(base) and issubclass(default, base) else default
+
+
+def _field_default(f: dataclasses.Field):
+    """A dataclass field's default value (its factory called), or ``dataclasses.MISSING``."""
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING
+
+
+def _config_base(cls: type) -> type:
+    """The most general config class of ``cls``'s family: the last nerfstudio/twinstudio dataclass among its
+    bases that is not nerfstudio's generic ``InstantiateConfig``/``PrintableConfig`` (a pipeline config's
+    ``model`` may be any ModelConfig, not only the default's class)."""
+    generic = {"InstantiateConfig", "PrintableConfig"}
+    family = [c for c in cls.__mro__ if dataclasses.is_dataclass(c) and _in(c.__module__, CONFIG_MODULES)
+              and c.__name__ not in generic]
+    return family[-1] if family else cls
 
 
 def _construct_name(loader: RunConfigLoader, suffix: str, node):
@@ -233,6 +278,9 @@ def read_run_config(path: Path | str) -> TrainerConfig:
                          "twinstudio's settings)", path=str(p)) from e
     except RecursionError:
         raise TrainError(f"{p}: nested too deeply to read", path=str(p)) from None
+    except (ValueError, TypeError, KeyError) as e:  # an enum value it lacks, a generic of a non-generic class, ...
+        raise TrainError(f"{p}: not read: {type(e).__name__}: {' '.join(str(e).split())[:300]}",
+                         path=str(p)) from e
     if not isinstance(cfg, TrainerConfig):
         raise TrainError(f"{p}: not a nerfstudio run config (got {type(cfg).__name__})", path=str(p))
     return cfg

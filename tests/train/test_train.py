@@ -184,6 +184,9 @@ def test_run_configs_of_nerfstudio_methods_read_safely_and_nothing_else(tmp_path
         p.write_text(yaml.dump(cfg))
         back = read_run_config(p)
         assert type(back) is type(cfg) and yaml.dump(back) == yaml.dump(cfg), name
+    p.write_text("!!python/object:train.config.TwinTrainerConfig {max_num_iterations: 7}")
+    back = read_run_config(p)  # a field the file leaves out has its default, as nerfstudio would set it
+    assert back.max_num_iterations == 7 and back.pipeline == methods["twin-splat"].pipeline.__class__()
     marker = tmp_path / "ran"
     for text, why in [(f"!!python/object/apply:os.system ['touch {marker}']", "refused 'os.system'"),
                       (f"!!python/object/apply:subprocess.call [[touch, '{marker}']]", "refused 'subprocess.call'"),
@@ -192,7 +195,17 @@ def test_run_configs_of_nerfstudio_methods_read_safely_and_nothing_else(tmp_path
                       (f"!!python/object/apply:pathlib.Path {{args: ['{marker}'], state: {{a: 1}}}}", "refused"),
                       ("!!python/module:os ''", "refused the tag"),
                       ("!!python/object:nerfstudio.configs.base_config.MachineConfig {seed: 1}",
-                       "not a nerfstudio run config")]:
+                       "not a nerfstudio run config"),
+                      # nerfstudio classes only, and each where its class expects it
+                      ("!!python/object:train.config.TwinTrainerConfig {bogus: 1}", "no field"),
+                      ("!!python/object:train.config.TwinTrainerConfig {_target: "
+                       "!!python/name:nerfstudio.utils.writer.LocalWriter ''}", "not what TwinTrainerConfig expects"),
+                      ("!!python/object:train.config.TwinTrainerConfig {pipeline: "
+                       "!!python/object:nerfstudio.configs.base_config.MachineConfig {}}",
+                       "not what TwinTrainerConfig expects"),
+                      ("!!python/object:train.config.TwinTrainerConfig {logging: "
+                       "!!python/object:nerfstudio.configs.base_config.LoggingConfig {steps_per_log: "
+                       "!!python/object/apply:nerfstudio.utils.writer.EventName [nonsense]}}", "ValueError")]:
         p.write_text(text)
         with pytest.raises(TrainError, match=why):
             read_run_config(p)
