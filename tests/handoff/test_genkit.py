@@ -333,7 +333,10 @@ def test_the_kit_needs_consent_to_generate(tmp_path: Path, monkeypatch: pytest.M
     revoke_consent(tmp_path / "c2", "withdrawn")
     with pytest.raises(ConsentError, match="revoked"):
         build_generation_kit(tmp_path / "c2", tmp_path / "gen", SUBJECT)
-    (root / "session.json").unlink()  # a folder that is neither a session nor a virtual render: nothing to check
+    (root / "session.json").unlink()  # a session without its manifest: whose imagery is it?
+    with pytest.raises(ConsentInputError, match="a session without its session.json"):
+        build_generation_kit(root, tmp_path / "gen", SUBJECT)
+    (root / "consent.json").unlink()  # a folder that is neither a session nor a virtual render: nothing to check
     with pytest.raises(ConsentInputError, match="not a capture session") as e:
         build_generation_kit(root, tmp_path / "gen", SUBJECT)
     assert e.value.exit_code == 2 and not (tmp_path / "gen").exists()

@@ -134,3 +134,15 @@ def test_trusted_keys_file(tmp_path):
         load_trusted_keys(path)
     path.write_text(f"{lines[0]}\n{kid} {name} {b64}\n")
     assert untrust_key(kid, path) == [k] and load_trusted_keys(path) == []
+
+
+def test_a_held_list_under_another_issuers_name_is_refused(key, tmp_path):
+    from train.handoff.revocations import held_list, held_path
+
+    other = load_private_key(init_keys(tmp_path / "other")[0])
+    store = tmp_path / "store"
+    mine = issue(key, [_entry("c1")], now=NOW, store=store)
+    theirs = issue(other, now=NOW, store=tmp_path / "other-store")
+    held_path(mine.list.issuer, store).write_bytes(theirs.data)  # would hide c1's revocation
+    with pytest.raises(RevocationError, match=f"holds the list of key {theirs.list.issuer}"):
+        held_list(mine.list.issuer, store)

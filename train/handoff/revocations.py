@@ -251,7 +251,13 @@ def held_path(issuer: str, store: Path | None = None) -> Path:
 def held_list(issuer: str, store: Path | None = None) -> SignedList | None:
     """The list held from ``issuer`` (checked as :func:`read_list` does), or None."""
     p = held_path(issuer, store)
-    return read_list(p) if p.exists() else None
+    if not p.exists():
+        return None
+    signed = read_list(p)
+    if signed.issuer != issuer:  # another issuer's list under this one's name would hide this one's revocations
+        raise RevocationError(f"{p}: holds the list of key {signed.issuer}, not of key {issuer}; import "
+                              f"key {issuer}'s list again", path=str(p))
+    return signed
 
 
 def held_lists(store: Path | None = None) -> list[SignedList]:
