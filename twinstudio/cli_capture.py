@@ -185,11 +185,16 @@ VSource = Annotated[str, typer.Option(help="Virtual cameras: render (the virtual
 RScale = Annotated[float, typer.Option(help="Virtual studio render scale.", hidden=True)]
 
 
-def _writing(s):
-    """The session's writer lock for this whole command (a second writer exits 2 naming this one)."""
+def _command() -> str:
+    """This command line, as the writer lock records it for whoever is refused."""
     import sys
 
-    return s.writing(command=" ".join(["twinstudio", *sys.argv[1:]]))
+    return " ".join(["twinstudio", *sys.argv[1:]])
+
+
+def _writing(s):
+    """The session's writer lock for this whole command (a second writer exits 2 naming this one)."""
+    return s.writing(command=_command())
 
 
 def _take(kind: str, session: Path, rig, frames, plain, *sim) -> None:
@@ -334,11 +339,9 @@ def capture_repair(session: SessionOpt) -> None:
     journal.jsonl.cut-<time>; frames on disk that the cut lines recorded are
     adopted again. Finish interrupted takes afterwards with 'capture resume'.
     """
-    import sys
-
     from capture.session import repair_journal
 
-    out = repair_journal(session, command=" ".join(["twinstudio", *sys.argv[1:]]))
+    out = repair_journal(session, command=_command())
     con = _console()
     if out["bad_line"] is None:
         con.print(f"[green]journal sound[/]: {escape(str(session / 'journal.jsonl'))}"
