@@ -68,7 +68,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import combinations
 from pathlib import Path
 from typing import Literal
@@ -78,7 +78,6 @@ import numpy as np
 
 from reconstruct.colmap_io import ColmapError, colmap_intrinsics, read_colmap_text, write_colmap_text
 from reconstruct.inputs import (
-    IMAGE_SUFFIXES,
     GroundTruth,
     ReconstructError,
     decode_problems,
@@ -87,7 +86,13 @@ from reconstruct.inputs import (
     verified_images,
     write_cameras,
 )
+from reconstruct.photos import Body, PhotoInfo, group_bodies, read_photo_info
 from rigs.geometry import Camera, Intrinsics, Pose, project_points, rotation_angle_deg
+
+#: files of a folder of photos that are read as images (any other file is noted and skipped)
+PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
+#: camera models for estimated intrinsics
+CAMERA_MODELS = ("SIMPLE_PINHOLE", "PINHOLE", "SIMPLE_RADIAL", "RADIAL", "OPENCV", "FULL_OPENCV")
 
 #: COLMAP's pixel centre minus OpenCV's (see ``colmap_io``)
 _HALF = 0.5
@@ -97,6 +102,9 @@ OUTLINE_PX = 2.0
 #: masking is used for an image only when the key finds a subject covering this fraction of it
 _MASK_FRACTION = (0.001, 0.9)
 _CROP_MARGIN = 32
+#: SIFT starts from an upsampled image (first octave -1) for images up to this size (longest side);
+#: larger photos start at full resolution: 3x faster, and their finest features are pixels wide already
+FINE_MAX_SIDE = 2000
 
 
 #: a registered camera farther than this (and than 4x the median) from its rig-file position is rejected
@@ -131,6 +139,19 @@ class SfmOptions:
     """At most this many features per image and pass."""
     min_inliers: int = 12
     """2D-3D inliers needed to register a camera in the first pass (the second pass takes half)."""
+    group: Literal["body", "one", "image"] = "body"
+    """Folder of photos: which images share intrinsics. 'body': one camera per physical body (EXIF make,
+    model, serial, lens, focal length and image size); 'one': every image from one camera; 'image': a
+    camera per image."""
+    camera_model: str = "SIMPLE_RADIAL"
+    """COLMAP camera model for estimated intrinsics: SIMPLE_PINHOLE, PINHOLE, SIMPLE_RADIAL, RADIAL,
+    OPENCV or FULL_OPENCV."""
+    principal_point: Literal["auto", "refine", "hold"] = "auto"
+    """Estimated intrinsics: refine principal points (and distortion) in the final adjustment where the data
+    constrain them ('auto'), always, or never (held at the image centre)."""
+    mapper: Literal["auto", "incremental", "global"] = "auto"
+    """'auto': COLMAP's incremental and global mappers from the same matches, the better model kept
+    (estimated intrinsics); 'incremental' or 'global' alone. Known intrinsics use the incremental mapper."""
     seed: int = 0
     """Random seed (RANSAC, mapper) for repeatable results."""
     threads: int = 0
@@ -167,6 +188,9 @@ class SfmResult:
     take: str | None = None
     ground_truth: dict | None = None
     verify_seconds: float = 0.0  # checking the images (manifest hashes, or decoding) before feature extraction
+    notes: dict[str, str] = field(default_factory=dict)  # files of a folder not looked at (not images)
+    bodies: dict[str, dict] | None = None  # estimated intrinsics: per body its images and what was refined
+    mapping: dict | None = None  # estimated intrinsics: the mappers' candidates, the one kept, cameras left out
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -189,6 +213,8 @@ class _Inputs:
     skipped: dict[str, str]  # image name -> why it is not used
     rig_path: Path | None
     verify_seconds: float = 0.0
+    notes: dict[str, str] = field(default_factory=dict)  # file name -> why it was not looked at (not an image)
+    photos: dict[str, PhotoInfo] = field(default_factory=dict)  # folder of photos: camera -> EXIF data
 
 
 def _collect(source: Path, options: SfmOptions, rig_path: Path | None) -> _Inputs:
@@ -198,6 +224,8 @@ def _collect(source: Path, options: SfmOptions, rig_path: Path | None) -> _Input
         raise SfmError(f"{source}: not a folder", path=str(source))
     t0 = time.perf_counter()
     skipped: dict[str, str] = {}
+    notes: dict[str, str] = {}
+    photos: dict[str, PhotoInfo | None] = {}
     if (source / "takes").is_dir():
         take = find_take(source, "stills", options.take)
         image_root = source / "takes" / take
@@ -214,16 +242,26 @@ def _collect(source: Path, options: SfmOptions, rig_path: Path | None) -> _Input
     else:
         take = None
         image_root = source
-        files = sorted(p for p in source.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        entries = sorted(p for p in source.iterdir() if p.is_file())
+        files = [p for p in entries if p.suffix.lower() in PHOTO_SUFFIXES]
+        notes = {p.name: "not an image file (by its name); skipped" for p in entries if p not in files}
         bad = decode_problems(files, options.threads or None)
         skipped = {p.name: why for p, why in bad.items()}
         files = [p for p in files if p not in bad]
+        photos = {}
+        for p in files:
+            try:
+                photos[p.stem] = read_photo_info(p)
+            except (OSError, SyntaxError, ValueError) as e:  # decoded above; its EXIF may still be broken
+                photos[p.stem] = None
+                notes[p.name] = f"EXIF unreadable ({e}); grouped as a body without EXIF"
         views = {}
         for p in files:
             if p.stem in views:
                 raise SfmError(f"{source}: images {views[p.stem][0].path.name} and {p.name} give the same "
                                f"camera id {p.stem!r}", path=str(source), camera=p.stem)
             views[p.stem] = [_View(p.stem, 0, p, p.name)]
+        photos = {c: info for c, info in photos.items() if c in views and info is not None}
     for cam, vs in views.items():
         for v in vs:
             if any(ch.isspace() for ch in v.name):
@@ -240,7 +278,8 @@ def _collect(source: Path, options: SfmOptions, rig_path: Path | None) -> _Input
                            left_out={str(image_root / n): why for n, why in skipped.items()})
         raise SfmError(f"{image_root}: {what} holds images of {len(views)} camera(s); SfM needs at least 3",
                        path=str(image_root), cameras=sorted(views))
-    return _Inputs(image_root, take, views, {}, skipped, rig_path, time.perf_counter() - t0)
+    return _Inputs(image_root, take, views, {}, skipped, rig_path, time.perf_counter() - t0,
+                   notes=notes if take is None else {}, photos=photos if take is None else {})
 
 
 def _read_image(path: Path) -> np.ndarray | None:
@@ -307,7 +346,7 @@ class _Extractor:
             if _MASK_FRACTION[0] < m.mean() < _MASK_FRACTION[1]:
                 subject = m
         if subject is None:
-            k, d = self._sift(self.fine, gray, (0, 0))
+            k, d = self._sift(self.fine if max(gray.shape) <= FINE_MAX_SIDE else self.coarse, gray, (0, 0))
         else:
             h, w = subject.shape
             inside = cv2.distanceTransform(np.pad(subject.astype(np.uint8), 1), cv2.DIST_L2, 5)[1:-1, 1:-1]
@@ -370,15 +409,20 @@ def _resolve_intrinsics(inputs: _Inputs, mode: str, cameras_path: Path | None,
     return mode, out, source
 
 
-def _colmap_camera(intr: Intrinsics | None, size: tuple[int, int]):
+def _estimated_camera(body: Body, model: str):
+    """A COLMAP camera to estimate: the body's focal length (a prior or COLMAP's guess), the principal
+    point at the image centre, no distortion."""
+    import pycolmap
+
+    cam = pycolmap.Camera.create_from_model_name(0, model, body.focal_px, body.width, body.height)
+    cam.has_prior_focal_length = body.focal_prior
+    return cam
+
+
+def _colmap_camera(intr: Intrinsics, size: tuple[int, int]):
     import pycolmap
 
     w, h = size
-    if intr is None:
-        cam = pycolmap.Camera(model=pycolmap.CameraModelId.SIMPLE_RADIAL, width=w, height=h,
-                              params=[1.2 * max(w, h), w / 2.0, h / 2.0, 0.0])
-        cam.has_prior_focal_length = False
-        return cam
     k1, k2, p1, p2, k3 = (float(x) for x in intr.dist)
     params = [intr.fx, intr.fy, intr.cx + _HALF, intr.cy + _HALF, k1, k2, p1, p2]
     model = pycolmap.CameraModelId.OPENCV
@@ -412,15 +456,41 @@ def _quiet_colmap() -> Iterator[None]:
 
 
 def _write_database(db_path: Path, inputs: _Inputs, intr: dict[str, Intrinsics] | None, rig_mode: bool,
-                    feats: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]]) -> dict[int, _View]:
-    """Cameras, rigs, frames, images, keypoints and descriptors; returns {image_id: view}."""
+                    feats: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]],
+                    bodies: dict[str, Body] | None = None, model: str = "SIMPLE_RADIAL") -> dict[int, _View]:
+    """Cameras, rigs, frames, images, keypoints and descriptors; returns {image_id: view}.
+
+    Known intrinsics: a COLMAP camera per camera (per lighting step in rig mode). Estimated intrinsics
+    (``bodies``): a COLMAP camera per body, shared by its images, each image its own frame."""
     import pycolmap
 
     def sensor(cid: int):
         return pycolmap.sensor_t(pycolmap.SensorType.CAMERA, cid)
 
+    def write_features(iid: int, v: _View) -> None:
+        k, d = feats[(v.camera, v.frame)]
+        db.write_keypoints(iid, k)
+        db.write_descriptors(iid, pycolmap.FeatureDescriptors(pycolmap.FeatureExtractorType.SIFT,
+                                                              np.ascontiguousarray(d)))
+
     by_id: dict[int, _View] = {}
     with pycolmap.Database.open(db_path) as db:
+        if bodies is not None:
+            for body in bodies.values():
+                cid = db.write_camera(_estimated_camera(body, model))
+                rig = pycolmap.Rig()
+                rig.add_ref_sensor(sensor(cid))
+                rig_id = db.write_rig(rig)
+                for cam in body.images:
+                    v = inputs.views[cam][0]
+                    iid = db.write_image(pycolmap.Image(name=v.name, camera_id=cid))
+                    by_id[iid] = v
+                    frame = pycolmap.Frame()
+                    frame.rig_id = rig_id
+                    frame.add_data_id(pycolmap.data_t(sensor(cid), iid))
+                    write_features(iid, v)
+                    db.write_frame(frame)
+            return by_id
         for cam, views in inputs.views.items():
             cam_ids = [db.write_camera(_colmap_camera(intr[cam] if intr else None, inputs.sizes[cam]))
                        for _ in (views if rig_mode else views[:1])]
@@ -435,10 +505,7 @@ def _write_database(db_path: Path, inputs: _Inputs, intr: dict[str, Intrinsics] 
                 iid = db.write_image(pycolmap.Image(name=v.name, camera_id=cid))
                 by_id[iid] = v
                 frame.add_data_id(pycolmap.data_t(sensor(cid), iid))
-                k, d = feats[(v.camera, v.frame)]
-                db.write_keypoints(iid, k)
-                db.write_descriptors(iid, pycolmap.FeatureDescriptors(pycolmap.FeatureExtractorType.SIFT,
-                                                                      np.ascontiguousarray(d)))
+                write_features(iid, v)
             db.write_frame(frame)
     return by_id
 
@@ -518,15 +585,279 @@ def _map(db_path: Path, image_root: Path, work: Path, options: SfmOptions, mode:
     return best
 
 
-def _bundle_adjust(rec, refine_focal: bool, threads: int, refine_extra: bool = False) -> None:
-    """Robust (Cauchy, 0.5 px) bundle adjustment of poses and points, optionally of focal lengths
-    and distortion; the gauge is fixed by three points, so no camera is held."""
+def _bodies(inputs: _Inputs, options: SfmOptions) -> dict[str, Body]:
+    """Cameras that share estimated intrinsics: a folder's photos by body (EXIF), a capture's by camera id."""
+    if options.camera_model not in CAMERA_MODELS:
+        raise SfmError(f"camera model {options.camera_model!r}: use one of {', '.join(CAMERA_MODELS)}",
+                       camera_model=options.camera_model)
+    infos = {}
+    for cam in inputs.views:
+        w, h = inputs.sizes[cam]
+        info = inputs.photos.get(cam)
+        # the decoded size is the truth (EXIF rotation applied by the decoder)
+        infos[cam] = replace(info, width=w, height=h) if info is not None else PhotoInfo(w, h)
+    group = options.group if inputs.take is None else "image"  # a capture: one body per rig camera id
+    try:
+        return group_bodies(infos, group)
+    except ValueError as e:
+        raise SfmError(f"{inputs.image_root}: {e}; use group 'body' or 'image'", path=str(inputs.image_root),
+                       group=group) from e
+
+
+def _map_global(db_path: Path, image_root: Path, work: Path, options: SfmOptions, threads: int):
+    """COLMAP's global mapper (GLOMAP) on the same database; the largest model, or None."""
+    import pycolmap
+
+    o = pycolmap.GlobalPipelineOptions()
+    o.num_threads = threads
+    o.random_seed = options.seed
+    o.multiple_models = False
+    m = o.mapper
+    m.num_threads = threads
+    m.random_seed = options.seed
+    m.global_positioning.use_gpu = False
+    m.bundle_adjustment.ceres.use_gpu = False
+    m.bundle_adjustment.refine_principal_point = False
+    out = work / "global"
+    out.mkdir(parents=True, exist_ok=True)
+    recs = pycolmap.global_mapping(db_path, image_root, out, o)
+    if not recs:
+        return None
+    return max(recs.values(), key=lambda r: r.num_reg_frames())
+
+
+#: principal points are refined for a body with at least this many registered images ...
+PP_MIN_IMAGES = 3
+#: ... whose observations cover at least this fraction of an 8 x 8 grid over the frame
+PP_MIN_COVERAGE = 0.6
+#: distortion is refined when the observations cover this fraction of the grid (else held at zero)
+DISTORTION_MIN_COVERAGE = 0.3
+#: a refined principal point further than this fraction of the shorter side from the centre is not believed
+PP_MAX_OFFSET = 0.1
+
+
+def _coverage(rec, images: list[int], cam) -> float:
+    """Fraction of an 8 x 8 grid over the frame in which the images' tracked observations fall."""
+    cells = np.zeros((8, 8), dtype=bool)
+    for iid in images:
+        xy = np.array([p.xy for p in rec.images[iid].points2D if p.has_point3D()]).reshape(-1, 2)
+        if len(xy):
+            gx = np.clip((xy[:, 0] / cam.width * 8).astype(int), 0, 7)
+            gy = np.clip((xy[:, 1] / cam.height * 8).astype(int), 0, 7)
+            cells[gy, gx] = True
+    return float(cells.mean())
+
+
+def _adjust_estimated(rec, options: SfmOptions, threads: int) -> dict[int, dict]:
+    """Final adjustment of a model with estimated intrinsics: focal lengths always, principal points and
+    distortion per COLMAP camera (body) where the data constrain them. Returns the decisions by camera id."""
+    images: dict[int, list[int]] = {}
+    for iid, img in rec.images.items():
+        if img.has_pose:
+            images.setdefault(img.camera_id, []).append(iid)
+    decisions: dict[int, dict] = {}
+    extra_ok, pp_ok = set(), set()
+    for cid, iids in images.items():
+        cam = rec.cameras[cid]
+        cov = _coverage(rec, iids, cam)
+        d: dict = {"registered_images": len(iids), "coverage": round(cov, 3)}
+        has_extra = len(cam.extra_params_idxs()) > 0
+        if has_extra and cov >= DISTORTION_MIN_COVERAGE:
+            extra_ok.add(cid)
+            d["distortion"] = "refined"
+        elif has_extra:
+            params = np.asarray(cam.params, dtype=np.float64).copy()
+            params[list(cam.extra_params_idxs())] = 0.0
+            cam.params = params
+            d["distortion"] = (f"held at zero: observations cover {cov:.0%} of the frame "
+                               f"(< {DISTORTION_MIN_COVERAGE:.0%})")
+        if options.principal_point == "hold":
+            d["principal_point"] = "held at the image centre (option)"
+        elif options.principal_point == "refine" or (len(iids) >= PP_MIN_IMAGES and cov >= PP_MIN_COVERAGE):
+            pp_ok.add(cid)
+        else:
+            d["principal_point"] = ("held at the image centre: " + (f"{len(iids)} image(s) (< {PP_MIN_IMAGES})"
+                                    if len(iids) < PP_MIN_IMAGES else
+                                    f"observations cover {cov:.0%} of the frame (< {PP_MIN_COVERAGE:.0%})"))
+        decisions[cid] = d
+    # COLMAP's options are global: refine what any body may refine, then put back what a body may not
+    # (principal point at the centre, distortion at zero, or a principal point not believed) and adjust
+    # again with those held
+    _bundle_adjust(rec, True, threads, refine_extra=bool(extra_ok), refine_pp=bool(pp_ok), robust=False)
+    held = set()
+    for cid in images:
+        cam = rec.cameras[cid]
+        params = np.asarray(cam.params, dtype=np.float64).copy()
+        pp_idx = list(cam.principal_point_idxs())
+        if cid in pp_ok:
+            off = params[pp_idx] - (cam.width / 2.0, cam.height / 2.0)
+            if np.linalg.norm(off) > PP_MAX_OFFSET * min(cam.width, cam.height):
+                decisions[cid]["principal_point"] = (f"held at the image centre: refinement moved it "
+                                                     f"{np.linalg.norm(off):.0f} px, not believed")
+            else:
+                decisions[cid]["principal_point"] = "refined"
+                decisions[cid]["principal_point_offset_px"] = [round(float(x), 2) for x in off]
+                pp_idx = []
+        if pp_idx and np.any(params[pp_idx] != (cam.width / 2.0, cam.height / 2.0)):
+            params[pp_idx] = (cam.width / 2.0, cam.height / 2.0)
+            held.add(cid)
+        extra_idx = list(cam.extra_params_idxs())
+        if extra_idx and cid not in extra_ok and np.any(params[extra_idx] != 0):
+            params[extra_idx] = 0.0
+            held.add(cid)
+        cam.params = params
+    if held:
+        _bundle_adjust(rec, True, threads, robust=False)
+    for cid in images:
+        cam = rec.cameras[cid]
+        decisions[cid]["model"] = cam.model.name
+        decisions[cid]["params"] = [round(float(x), 6) for x in cam.params]
+    return decisions
+
+
+@dataclass
+class _Mapping:
+    """What the mappers did with estimated intrinsics: the candidates, the one kept and why."""
+
+    chosen: str
+    candidates: dict[str, dict]
+    left_out: dict[str, str]  # camera -> why (the mappers disagree on where it is)
+    bodies: dict[int, dict]  # COLMAP camera id of the kept model -> intrinsics decisions
+
+    def summary(self) -> dict:
+        return {"chosen": self.chosen, "candidates": self.candidates, "left_out": self.left_out}
+
+
+#: a camera the two mappers place further apart than this fraction of the typical distance between
+#: neighbouring cameras (and 10x the median disagreement) is left out of the kept model
+DISAGREEMENT_NEIGHBOURS = 0.5
+
+
+def _camera_centres(rec, by_id: dict[int, _View]) -> dict[str, np.ndarray]:
+    out = {}
+    for iid, img in rec.images.items():
+        if img.has_pose:
+            out.setdefault(by_id[iid].camera, np.asarray(img.projection_center(), dtype=np.float64))
+    return out
+
+
+def _disagreement(kept: dict[str, np.ndarray], other: dict[str, np.ndarray]) -> tuple[dict[str, float], float]:
+    """Per camera, how far apart two models put it (the other model similarity-aligned to the kept one,
+    robustly), and the kept model's median nearest-neighbour camera distance."""
+    common = sorted(set(kept) & set(other))
+    if len(common) < 4:
+        return {}, 0.0
+    a = np.array([kept[c] for c in common])
+    b = np.array([other[c] for c in common])
+    pts = np.array(list(kept.values()))
+    nn = float(np.median(np.sort(np.linalg.norm(pts[:, None] - pts[None], axis=2), axis=1)[:, 1]))
+    # RANSAC over triplets of cameras (a least-squares fit would spread one misplaced camera over all)
+    rng = np.random.default_rng(0)
+    best = np.ones(len(common), dtype=bool)
+    best_n = -1
+    for _ in range(200):
+        idx = rng.choice(len(common), 3, replace=False)
+        try:
+            s, R, t = umeyama(b[idx], a[idx])
+        except SfmError:
+            continue
+        inl = np.linalg.norm((s * (R @ b.T)).T + t - a, axis=1) <= 0.1 * nn
+        if inl.sum() > best_n:
+            best, best_n = inl, int(inl.sum())
+    try:
+        s, R, t = umeyama(b[best], a[best]) if best.sum() >= 3 else umeyama(b, a)
+    except SfmError:
+        return {}, 0.0
+    d = np.linalg.norm((s * (R @ b.T)).T + t - a, axis=1)
+    return dict(zip(common, d.tolist())), nn
+
+
+def _model_stats(rec, by_id: dict[int, _View]) -> dict:
+    return {"registered": len(_camera_centres(rec, by_id)), "points": int(rec.num_points3D()),
+            "reprojection_error_px": round(float(rec.compute_mean_reprojection_error()), 4)
+            if rec.num_points3D() else None,
+            "mean_track_length": round(float(rec.compute_mean_track_length()), 3) if rec.num_points3D() else None}
+
+
+def _map_estimated(db_path: Path, image_root: Path, work: Path, options: SfmOptions, threads: int,
+                   by_id: dict[int, _View], on_event) -> tuple[object | None, _Mapping | None]:
+    """Estimated intrinsics: the incremental and the global mapper from the same matches, each model
+    adjusted (:func:`_adjust_estimated`), the better one kept.
+
+    Better: more cameras registered where both mappers agree, then the lower mean reprojection error.
+    A camera that the two models put in clearly different places (after a similarity fit, further apart
+    than half the distance between neighbouring cameras) is left out of the kept model with the reason:
+    one of them is wrong and nothing says which.
+    """
+    n = len({v.camera for v in by_id.values()})
+    models: dict[str, object] = {}
+    candidates: dict[str, dict] = {}
+    decisions: dict[str, dict] = {}
+    for name in ("incremental", "global"):
+        if options.mapper not in ("auto", name):
+            continue
+        t = time.perf_counter()
+        if on_event:
+            on_event(SfmProgress("mapping", 0, n, f"{name} mapper"))
+        rec = (_map(db_path, image_root, work, options, "free", threads, n, on_event) if name == "incremental"
+               else _map_global(db_path, image_root, work, options, threads))
+        if rec is None or rec.num_reg_frames() == 0:
+            candidates[name] = {"registered": 0, "seconds": round(time.perf_counter() - t, 2)}
+            continue
+        decisions[name] = _adjust_estimated(rec, options, threads)
+        models[name] = rec
+        candidates[name] = {**_model_stats(rec, by_id), "seconds": round(time.perf_counter() - t, 2)}
+        if on_event:
+            on_event(SfmProgress("mapping", n, n, f"{name} mapper: {candidates[name]['registered']} registered"))
+    if not models:
+        return None, None
+    centres = {k: _camera_centres(r, by_id) for k, r in models.items()}
+    chosen, left_out = _choose(candidates, centres)
+    return models[chosen], _Mapping(chosen, candidates, left_out, decisions[chosen])
+
+
+def _choose(candidates: dict[str, dict], centres: dict[str, dict[str, np.ndarray]]) -> tuple[str, dict[str, str]]:
+    """The model to keep and the cameras to leave out of it, without ground truth.
+
+    ``candidates``: per mapper its figures (``registered``, ``reprojection_error_px``; updated here with
+    ``agreed`` and ``disagreement_median``); ``centres``: per mapper its camera centres. With two
+    models, a camera that they place further apart than ``DISAGREEMENT_NEIGHBOURS`` of the median
+    distance between neighbouring cameras (and 10x the median disagreement) is unreliable in both.
+    Kept: the model with the most cameras left, then the lower mean reprojection error.
+    """
+    names = [k for k in centres if k in candidates]
+    flagged: dict[str, dict[str, str]] = {k: {} for k in names}
+    if len(names) == 2:
+        for k, other in (names, names[::-1]):
+            d, nn = _disagreement(centres[k], centres[other])
+            if not d or nn <= 0:
+                continue
+            med = float(np.median(list(d.values())))
+            limit = max(DISAGREEMENT_NEIGHBOURS * nn, 10 * med)
+            candidates[k]["disagreement_median"] = round(med / nn, 5)
+            for c, dist in d.items():
+                if dist > limit:
+                    flagged[k][c] = (f"the {names[0]} and {names[1]} mappers place it {dist / nn:.1f} neighbour "
+                                     "spacings apart: an unreliable registration, left out")
+    for k in names:
+        candidates[k]["agreed"] = len(centres[k]) - len(flagged[k])
+    chosen = min(names, key=lambda k: (-candidates[k]["agreed"],
+                                       candidates[k].get("reprojection_error_px") or float("inf")))
+    return chosen, flagged[chosen]
+
+
+def _bundle_adjust(rec, refine_focal: bool, threads: int, refine_extra: bool = False,
+                   refine_pp: bool = False, robust: bool = True) -> None:
+    """Bundle adjustment of poses and points (robust: Cauchy, 0.5 px), optionally of focal lengths,
+    distortion and principal points (of every camera: COLMAP's options are global); the gauge is fixed
+    by three points, so no camera is held."""
     import pycolmap
 
     bo = pycolmap.BundleAdjustmentOptions(refine_focal_length=refine_focal, refine_extra_params=refine_extra,
-                                          refine_principal_point=False, refine_sensor_from_rig=False,
+                                          refine_principal_point=refine_pp, refine_sensor_from_rig=False,
                                           print_summary=False)
-    bo.ceres.loss_function_type = pycolmap.LossFunctionType.CAUCHY
+    bo.ceres.loss_function_type = (pycolmap.LossFunctionType.CAUCHY if robust else
+                                   pycolmap.LossFunctionType.TRIVIAL)
     bo.ceres.loss_function_scale = 0.5
     s = bo.ceres.solver_options
     s.max_num_iterations = 300
@@ -710,8 +1041,9 @@ def run_sfm(source: Path | str, out_dir: Path | str, options: SfmOptions = SfmOp
         from reconstruct.masks import MaskOptions
 
         mask_options = MaskOptions.for_rig(rig)
-    cfg = _FeatureConfig(options.mask_features, options.peak_threshold, options.max_features,
-                         options.max_image_size, mask_options)
+    # the chroma key needs a studio backdrop: a capture, or a folder of photos with its rig file
+    mask = options.mask_features if rig is not None or inputs.take is not None else "none"
+    cfg = _FeatureConfig(mask, options.peak_threshold, options.max_features, options.max_image_size, mask_options)
 
     # -- read images and extract features (threads: pycolmap and OpenCV release the GIL)
     all_views = [v for vs in inputs.views.values() for v in vs]
@@ -757,6 +1089,7 @@ def run_sfm(source: Path | str, out_dir: Path | str, options: SfmOptions = SfmOp
     rig_mode = mode != "free" and any(len(vs) > 1 for vs in inputs.views.values())
     if not rig_mode:  # one image per camera: the first frame
         inputs.views = {c: vs[:1] for c, vs in inputs.views.items()}
+    bodies = _bodies(inputs, options) if mode == "free" else None
 
     # -- database and matching (validated above; only now is anything replaced on disk)
     out.mkdir(parents=True, exist_ok=True)
@@ -768,7 +1101,7 @@ def run_sfm(source: Path | str, out_dir: Path | str, options: SfmOptions = SfmOp
     cams = sorted(inputs.views)
     with _quiet_colmap():
         pycolmap.set_random_seed(options.seed)
-        by_id = _write_database(db_path, inputs, intr, rig_mode, feats)
+        by_id = _write_database(db_path, inputs, intr, rig_mode, feats, bodies, options.camera_model)
         pairs = []  # rig mode: each lighting step with the same step of the other cameras
         for a, b in combinations(cams, 2):
             if rig_mode:
@@ -782,7 +1115,11 @@ def run_sfm(source: Path | str, out_dir: Path | str, options: SfmOptions = SfmOp
         n_pairs, n_inliers, per_pair = _match_stats(db_path, by_id)
         if on_event:
             on_event(SfmProgress("matching", len(pairs), len(pairs), f"{n_pairs} verified pairs"))
-        rec = _map(db_path, inputs.image_root, work_dir, options, mode, threads, len(cams), on_event)
+        mapping = None
+        if mode == "free":
+            rec, mapping = _map_estimated(db_path, inputs.image_root, work_dir, options, threads, by_id, on_event)
+        else:
+            rec = _map(db_path, inputs.image_root, work_dir, options, mode, threads, len(cams), on_event)
     if rec is None or rec.num_reg_frames() == 0:
         best = max(per_pair.items(), key=lambda kv: kv[1], default=None)
         raise SfmError(f"{inputs.image_root}: mapping failed: no pair of cameras could start a reconstruction "
@@ -798,14 +1135,30 @@ def run_sfm(source: Path | str, out_dir: Path | str, options: SfmOptions = SfmOp
         for iid, img in rec.images.items():
             if img.has_pose:
                 n_images[by_id[iid].camera] = n_images.get(by_id[iid].camera, 0) + 1
-        rec, by_id = _collapse(rec, by_id)
-        _bundle_adjust(rec, mode == "free", threads, refine_extra=mode == "free")
+        if mode != "free":  # estimated intrinsics were adjusted with each mapper's model (_map_estimated)
+            rec, by_id = _collapse(rec, by_id)
+            _bundle_adjust(rec, False, threads)
         focal_changes = ({by_id[cid].camera: ch for cid, ch in _refine_focal(rec, threads).items()}
                          if mode == "refine" else {})
     if on_event:
         on_event(SfmProgress("adjusting", 1, 1))
 
     cameras, per_camera, obs_err = _cameras_of(rec, by_id)
+    left_out: dict[str, str] = dict(mapping.left_out) if mapping is not None else {}
+    for c in left_out:
+        cameras.pop(c, None)
+        per_camera.pop(c, None)
+    bodies_out = None
+    if bodies is not None:
+        body_of = {c: b.id for b in bodies.values() for c in b.images}
+        for c in per_camera:
+            per_camera[c]["body"] = body_of[c]
+        decided = {body_of[by_id[iid].camera]: mapping.bodies.get(img.camera_id, {})
+                   for iid, img in rec.images.items() if iid in by_id and img.has_pose}
+        bodies_out = {b.id: {"label": b.label, "size": [b.width, b.height], "images": b.images,
+                             "focal_start_px": round(b.focal_px, 3), "focal_prior": b.focal_prior,
+                             "focal_source": b.focal_source, **decided.get(b.id, {"registered": False})}
+                      for b in bodies.values()}
     for c, change in focal_changes.items():
         per_camera[c]["focal_refined"] = change <= MAX_FOCAL_CHANGE
         per_camera[c]["focal_change_pct"] = round(100 * change, 4)  # the refinement's proposal
@@ -814,7 +1167,9 @@ def run_sfm(source: Path | str, out_dir: Path | str, options: SfmOptions = SfmOp
     registered = sorted(cameras)
     unregistered = {}
     for c in cams:
-        if c not in cameras:
+        if c in left_out:
+            unregistered[c] = left_out[c]
+        elif c not in cameras:
             links = sum(n for (a, b), n in per_pair.items() if c in (a, b))
             unregistered[c] = ("no verified matches with other cameras" if links == 0 else
                                f"not registered ({links} inlier matches with other cameras)")
@@ -868,7 +1223,8 @@ def run_sfm(source: Path | str, out_dir: Path | str, options: SfmOptions = SfmOp
                        mean_reprojection_error_px=mean_err, seconds=0.0, out_dir=out,
                        cameras_path=out / "cameras.json", colmap_dir=out / "colmap", per_camera=per_camera,
                        skipped_images=dict(inputs.skipped), frame=frame, alignment=alignment, take=inputs.take,
-                       verify_seconds=inputs.verify_seconds)
+                       verify_seconds=inputs.verify_seconds, notes=dict(inputs.notes), bodies=bodies_out,
+                       mapping=mapping.summary() if mapping is not None else None)
     gt = GroundTruth.find(source) if inputs.take is not None else None
     if gt is not None:
         result.ground_truth = score_sfm(cameras, gt.cameras())
@@ -891,10 +1247,13 @@ def run_sfm(source: Path | str, out_dir: Path | str, options: SfmOptions = SfmOp
                   points=len(points),
                   mean_reprojection_error_px=None if mean_err is None else round(mean_err, 5),
                   matches={"image_pairs": len(pairs), "verified_pairs": n_pairs, "inlier_matches": n_inliers},
-                  features={"mask": options.mask_features, "masked_images": masked,
+                  features={"mask": mask, "masked_images": masked,
                             "peak_threshold": options.peak_threshold},
                   seconds=round(result.seconds, 2), verify_seconds=round(result.verify_seconds, 3),
-                  ground_truth=result.ground_truth, software=f"pycolmap {pycolmap.__version__}")
+                  ground_truth=result.ground_truth, software=f"pycolmap {pycolmap.__version__}",
+                  **({"bodies": bodies_out} if bodies_out is not None else {}),
+                  **({"mapping": result.mapping} if result.mapping is not None else {}),
+                  **({"notes": result.notes} if result.notes else {}))
     if on_event:
         on_event(SfmProgress("writing", 1, 1))
     if alignment is not None and alignment["rms_m"] > RIG_TOLERANCE_M:

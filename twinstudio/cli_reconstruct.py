@@ -207,23 +207,61 @@ def reconstruct_sfm(
     rig: Annotated[Optional[Path], typer.Option(help="Rig file: known intrinsics and the frame to align to.")]
     = None,
     cameras: Annotated[Optional[Path], typer.Option(help="cameras.json with known intrinsics.")] = None,
+    group: Annotated[str, typer.Option(
+        help="Folder of photos: which photos share intrinsics. body (EXIF make, model, serial, lens, focal "
+             "length and image size), one (all from one camera) or image (a camera per photo).")] = "body",
+    camera_model: Annotated[str, typer.Option(
+        help="Camera model when intrinsics are estimated: SIMPLE_PINHOLE, PINHOLE, SIMPLE_RADIAL, RADIAL, "
+             "OPENCV or FULL_OPENCV.")] = "SIMPLE_RADIAL",
+    principal_point: Annotated[str, typer.Option(
+        help="Estimated intrinsics: auto (refine principal points and distortion where the photos constrain "
+             "them), refine, or hold (at the image centre).")] = "auto",
+    mapper: Annotated[str, typer.Option(
+        help="auto (COLMAP's incremental and global mappers, the better model kept), incremental or global.")]
+    = "auto",
     plain: PlainOpt = False,
 ) -> None:
-    """Structure from motion (pycolmap) for captures without a calibration take."""
-    from reconstruct.sfm import SfmOptions, run_sfm
+    """Structure from motion (pycolmap) for captures without a calibration take, or any folder of photos."""
+    from reconstruct.sfm import CAMERA_MODELS, SfmOptions, run_sfm
 
+    for name, value, allowed in (("--group", group, ("body", "one", "image")),
+                                 ("--camera-model", camera_model, CAMERA_MODELS),
+                                 ("--principal-point", principal_point, ("auto", "refine", "hold")),
+                                 ("--mapper", mapper, ("auto", "incremental", "global"))):
+        if value not in allowed:
+            raise typer.BadParameter(f"{value!r}: use {', '.join(allowed)}", param_hint=name)
     if rig is None and (source / "rig.toml").is_file():
         rig = source / "rig.toml"
+    options = SfmOptions(group=group, camera_model=camera_model, principal_point=principal_point, mapper=mapper)
     with progress_events(plain) as on_event:
-        res = run_sfm(source, out, SfmOptions(), cameras_path=cameras, rig_path=rig, on_event=on_event)
+        res = run_sfm(source, out, options, cameras_path=cameras, rig_path=rig, on_event=on_event)
     con = _console()
     reproj = f"{res.mean_reprojection_error_px:.3f} px" if res.mean_reprojection_error_px is not None else "-"
     con.print(f"registered {len(res.registered)} camera(s), {res.points} points, reprojection {reproj}, "
               f"{res.seconds:.1f} s ({'rig frame, metres' if res.frame == 'rig' else 'arbitrary frame and scale'})")
+    if res.mapping:
+        m = res.mapping
+        cands = "; ".join(f"{k}: {c.get('registered', 0)} registered"
+                          + (f", {c['reprojection_error_px']:.3f} px" if c.get("reprojection_error_px") else "")
+                          + f", {c.get('seconds', 0):.0f} s" for k, c in m["candidates"].items())
+        con.print(f"mapper kept: {m['chosen']} ({escape(cands)})", highlight=False)
+    for bid, b in (res.bodies or {}).items():
+        if "params" not in b:
+            con.print(f"{bid} ({escape(b['label'])}, {len(b['images'])} photo(s)): not registered", highlight=False)
+            continue
+        pp = b.get("principal_point", "")
+        off = b.get("principal_point_offset_px")
+        pp_text = f"principal point refined ({off[0]:+.1f}, {off[1]:+.1f} px from the centre)" if off else pp
+        con.print(f"{bid} ({escape(b['label'])}, {len(b['images'])} photo(s)): {b['model']} focal "
+                  f"{b['params'][0]:.1f} px (start {b['focal_start_px']:.0f}: {escape(b['focal_source'])}); "
+                  f"{escape(pp_text)}; distortion {escape(b.get('distortion', 'none in this model'))}",
+                  highlight=False)
     for cam, why in sorted(res.unregistered.items()):
         con.print(f"[yellow]{escape(cam)}[/] not registered: {escape(why)}", highlight=False)
     for name, why in res.skipped_images.items():
         con.print(f"[yellow]left out[/] {escape(name)}: {escape(why)}", highlight=False)
+    for name, why in res.notes.items():
+        con.print(f"note: {escape(name)}: {escape(why)}", highlight=False)
     if res.ground_truth:
         g = res.ground_truth
         con.print(f"against ground truth (similarity aligned): position {g['median_position_mm']:.2f} / "
