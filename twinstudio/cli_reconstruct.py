@@ -255,7 +255,7 @@ def reconstruct_sfm(
         con.print(f"{bid} ({escape(b['label'])}, {len(b['images'])} photo(s)): {b['model']} focal "
                   f"{b['params'][0]:.1f} px (start {b['focal_start_px']:.0f}: {escape(b['focal_source'])}); "
                   f"{escape(pp_text)}; distortion {escape(b.get('distortion', 'none in this model'))}",
-                  highlight=False)
+                  highlight=False, soft_wrap=True)
     for cam, why in sorted(res.unregistered.items()):
         con.print(f"[yellow]{escape(cam)}[/] not registered: {escape(why)}", highlight=False)
     for name, why in res.skipped_images.items():

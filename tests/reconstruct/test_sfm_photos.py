@@ -320,3 +320,19 @@ def test_real_photos_end_to_end(tmp_path):
     assert body["principal_point"] == "refined"
     assert s["median_position_m"] < 0.010 and s["max_position_m"] < 0.025  # COLMAP's defaults: 16 / 42 mm
     assert s["median_relative_rotation_deg"] < 0.1  # COLMAP's defaults: 0.20 deg
+
+
+def test_cli_summary_names_the_mapper_bodies_and_files(room, tmp_path, capsys):
+    from twinstudio.cli import main
+
+    folder, truth = room
+    assert main(["reconstruct", "sfm", str(folder), "--out", str(tmp_path / "out"), "--plain",
+                 "--mapper", "global"]) == 0
+    text = capsys.readouterr().out
+    assert f"registered {len(truth)} camera(s)" in text and "arbitrary frame and scale" in text
+    assert "mapper kept: global (global: 12 registered" in text
+    assert "body01 (Twin Studio One #SN-1 35mm 640x480, 12 photo(s)): SIMPLE_RADIAL focal" in text
+    assert "principal point refined (+18." in text and "distortion refined" in text
+    assert "left out IMG_9000.jpg: cannot be decoded" in text and "note: notes.txt: not an image file" in text
+    assert main(["reconstruct", "sfm", str(folder), "--out", str(tmp_path / "x"), "--camera-model", "FISHEYE"]) == 2
+    assert "FISHEYE" in capsys.readouterr().err
