@@ -38,6 +38,10 @@ RIG = "virtual-ring-24"
 TARGET = (2.0, 0.1)  # mm, deg: calibration accuracy
 
 
+def _vec(v) -> str:
+    return "[" + ", ".join(f"{x:.6f}" for x in v) + "]"
+
+
 def nudged_rig(rig_path: Path, out_path: Path, position_mm: float, rotation_deg: float, seed: int) -> dict:
     """Write a copy of a rig file with every camera moved by ``position_mm`` (a random direction) and
     turned by ``rotation_deg`` (a random axis), seeded; returns the nudge per camera (mm, deg)."""
@@ -68,8 +72,8 @@ def nudged_rig(rig_path: Path, out_path: Path, position_mm: float, rotation_deg:
         target = c + 3.0 * R[2]
         base = look_at(c, target).R
         roll = np.degrees(np.arctan2((R @ base.T)[1, 0], (R @ base.T)[0, 0]))
-        fmt = lambda v: "[" + ", ".join(f"{x:.6f}" for x in v) + "]"  # noqa: E731
-        b = re.sub(r"(?m)^position\s*=.*$", f"position = {fmt(c)}\nlook_at = {fmt(target)}\nroll_deg = {roll:.6f}",
+        b = re.sub(r"(?m)^position\s*=.*$",
+                   f"position = {_vec(c)}\nlook_at = {_vec(target)}\nroll_deg = {roll:.6f}",
                    b, count=1)
         out_blocks.append(b)
     out_path.parent.mkdir(parents=True, exist_ok=True)
