@@ -47,17 +47,27 @@ similarity (Umeyama) fit of the camera centres, so that it is in metres;
 frame and unit are COLMAP's (``frame: "sfm"``, ``units: "arbitrary"``).
 
 Measured on the virtual ``virtual-ring-24`` stills take (24 cameras at
-1280x960, 8 lighting steps, rig lens data as known intrinsics;
-``python benchmarks/sfm.py``): all 24 cameras register; after a similarity fit
-to the exact cameras, positions are 5.9 mm off (median; max 22 mm) and
-rotations 0.21 deg (max 0.38); 4431 points, 0.36 px; about 4 minutes on two
-busy CPU cores, most of it SIFT. That is short of calibration accuracy
-(2 mm / 0.1 deg): the cameras beside the subject (cam03, cam07) see its
-narrow side, few features (cam03: 31 observations in 8 images), and they
-are the only links between the front and the back half of the ring. Without
-the outline filter the opposite cameras "match" (wrong poses by metres);
-with the subject alone (no backdrop features) only the front half registers,
-to 15 mm. At half resolution (640x480) the same six-camera test gives 16 mm.
+1280x960, 8 lighting steps, rig lens data as known intrinsics, a copy of the
+rig file with every camera nudged by 30 mm / 0.75 deg as the rig file;
+``python benchmarks/sfm.py``, three sensor-noise seeds): all 24 cameras
+register on every seed; after a similarity fit to the exact cameras,
+positions are 3.8 / 4.4 / 4.9 mm off (median; max 10 / 20 / 13 mm) and
+rotations 0.17 / 0.10 / 0.12 deg (max 0.29 / 0.38 / 0.30); about 9000 points,
+0.39 px; about 80 s per seed on two CPU cores. Before the rig-mode additions
+(``reconstruct.sfm_rig``: peak threshold 0.002 on a take, two-view tracks
+triangulated after mapping, rig positions as 3 cm priors in the last
+adjustment) the same renders gave 5.8 / 15.9 / 7.4 mm and 0.16 / 0.45 / 0.17
+deg, 4500 points. Without the priors (images alone) about 4-5 mm. That is
+still short of calibration accuracy (2 mm / 0.1 deg): nearly all points are
+on the narrow subject (a few hundred on the backdrop and floor), the cameras
+beside it (cam03, cam07) see its narrow side with few features, and they are
+the main links between the front and the back half of the ring, which stays
+weakly tied (errors are a hinge of the halves, alike on all three rings).
+Without the outline filter the opposite cameras "match" (wrong poses by
+metres); with the subject alone (no backdrop features) only the front half
+registers, to 15 mm. At half resolution (640x480) the six-camera test gives
+9.5 mm / 0.55 deg median (16 mm / 0.59 deg before; its rig file is the exact
+one, so there the priors are exact positions at 3 cm).
 """
 
 from __future__ import annotations
@@ -154,6 +164,10 @@ class SfmOptions:
     (estimated intrinsics); 'incremental' or 'global' alone. Known intrinsics use the incremental mapper."""
     seed: int = 0
     """Random seed (RANSAC, mapper) for repeatable results."""
+    rig_prior_m: float | None = 0.03
+    """Capture take with a rig file: the last bundle adjustment also pulls each camera towards the rig's
+    nominal position, with this standard deviation in metres (what the rig file's positions are good to);
+    None: not used (``reconstruct.sfm_rig``)."""
     threads: int = 0
     """Worker threads (0: one per CPU core)."""
 
@@ -1043,7 +1057,8 @@ def run_sfm(source: Path | str, out_dir: Path | str, options: SfmOptions = SfmOp
         mask_options = MaskOptions.for_rig(rig)
     # the chroma key needs a studio backdrop: a capture, or a folder of photos with its rig file
     mask = options.mask_features if rig is not None or inputs.take is not None else "none"
-    cfg = _FeatureConfig(mask, options.peak_threshold, options.max_features, options.max_image_size, mask_options)
+    cfg = _FeatureConfig(mask, _rig_peak_threshold(options, inputs), options.max_features,
+                         options.max_image_size, mask_options)
 
     # -- read images and extract features (threads: pycolmap and OpenCV release the GIL)
     all_views = [v for vs in inputs.views.values() for v in vs]
@@ -1120,6 +1135,7 @@ def run_sfm(source: Path | str, out_dir: Path | str, options: SfmOptions = SfmOp
             rec, mapping = _map_estimated(db_path, inputs.image_root, work_dir, options, threads, by_id, on_event)
         else:
             rec = _map(db_path, inputs.image_root, work_dir, options, mode, threads, len(cams), on_event)
+            _rig_tracks(rec, db_path, rig_mode, threads)
     if rec is None or rec.num_reg_frames() == 0:
         best = max(per_pair.items(), key=lambda kv: kv[1], default=None)
         raise SfmError(f"{inputs.image_root}: mapping failed: no pair of cameras could start a reconstruction "
@@ -1140,6 +1156,7 @@ def run_sfm(source: Path | str, out_dir: Path | str, options: SfmOptions = SfmOp
             _bundle_adjust(rec, False, threads)
         focal_changes = ({by_id[cid].camera: ch for cid, ch in _refine_focal(rec, threads).items()}
                          if mode == "refine" else {})
+    _rig_priors(rec, by_id, rig, rig_mode, options, threads)
     if on_event:
         on_event(SfmProgress("adjusting", 1, 1))
 
@@ -1377,6 +1394,40 @@ def import_colmap(model_dir: Path | str, out_dir: Path | str) -> SfmResult:
                      points=len(model.points), mean_reprojection_error_px=mean_err, seconds=seconds,
                      out_dir=out, cameras_path=cameras_path, colmap_dir=out / "colmap",
                      per_camera={c: {"registered": True, "image": names[c]} for c in ids}, frame="colmap")
+
+
+# ----------------------------------------------------------------------------- rig mode (reconstruct.sfm_rig)
+
+
+def _rig_peak_threshold(options: SfmOptions, inputs: _Inputs) -> float:
+    """SIFT peak threshold: a capture take's faint studio texture takes the rig-mode one, unless the options
+    ask for another than the default."""
+    from reconstruct.sfm_rig import RIG_PEAK_THRESHOLD
+
+    if inputs.take is not None and options.peak_threshold == SfmOptions.peak_threshold:
+        return RIG_PEAK_THRESHOLD
+    return options.peak_threshold
+
+
+def _rig_tracks(rec, db_path: Path, rig_mode: bool, threads: int) -> None:
+    """Rig mode: the mapper's model with two-view tracks (backdrop and floor) triangulated too."""
+    if rig_mode and rec is not None:
+        from reconstruct.sfm_rig import complete_tracks
+
+        complete_tracks(rec, db_path, threads)
+
+
+def _rig_priors(rec, by_id: dict[int, _View], rig, rig_mode: bool, options: SfmOptions,
+                threads: int) -> dict | None:
+    """Rig mode with a rig file: the last bundle adjustment with the nominal positions as priors."""
+    if not rig_mode or rig is None or not options.rig_prior_m:
+        return None
+    from reconstruct.sfm_rig import adjust_with_rig_priors
+
+    with _quiet_colmap():
+        return adjust_with_rig_priors(rec, {i: v.camera for i, v in by_id.items()},
+                                      {c.id: c.pose.center for c in rig.cameras}, options.rig_prior_m,
+                                      RIG_TOLERANCE_M, threads)
 
 
 __all__ = ["SfmError", "SfmOptions", "SfmProgress", "SfmResult", "import_colmap", "run_sfm", "score_sfm",

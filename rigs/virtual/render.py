@@ -77,6 +77,8 @@ class RenderOptions:
     """Write depth, masks, meshes and joints next to the images."""
     noise: bool = True
     """Add the rig's sensor noise."""
+    noise_seed: int | None = None
+    """Seed of the sensor noise (default: the rig's ``virtual.seed``); the scene stays the same."""
 
 
 @dataclass(frozen=True)
@@ -287,7 +289,7 @@ def _render_share(rig_path: Path, out: Path, options: RenderOptions, takes: list
 
     rig = load_rig(rig_path)
     cams = {c.id: c for c in rendered_cameras(rig, options)}
-    studio = VirtualStudio(rig)
+    studio = VirtualStudio(rig, noise_seed=options.noise_seed)
     n_motion = max((len(t.frames) for t in takes if t.kind == "motion"), default=1)
     clip = default_clip(frames=max(n_motion, 1), fps=rig.motion.fps)
     boards = board_poses(studio.board, rig.volume, rig.calibration.poses, seed=rig.virtual.seed)

@@ -118,7 +118,7 @@ class _Instant:
 class VirtualStudio:
     """Renders a rig's virtual studio. Build once per process; not thread-safe."""
 
-    def __init__(self, rig: Rig, person: Person | None = None) -> None:
+    def __init__(self, rig: Rig, person: Person | None = None, noise_seed: int | None = None) -> None:
         self.rig = rig
         v = rig.virtual
         self.person = person if person is not None else build_person(v.seed)
@@ -137,7 +137,7 @@ class VirtualStudio:
         for (verts, tris), albedo in zip(_cyclorama(v.backdrop_radius, WALL_HEIGHT, rig.volume.center), albedos):
             self._static.add_triangles(o3d.core.Tensor(verts.astype(np.float32)), o3d.core.Tensor(tris))
             self._static_albedo.append(np.asarray(albedo, dtype=np.float32))
-        self._noise = _NoiseBank(v.noise_sigma, v.seed)
+        self._noise = _NoiseBank(v.noise_sigma, v.seed if noise_seed is None else noise_seed)
         lin = np.linspace(0.0, 1.0, _SRGB_LUT_SIZE)
         self._srgb_lut = np.round(255.0 * _linear_to_srgb(lin)).astype(np.uint8)
         vol = rig.volume
