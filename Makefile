@@ -52,6 +52,8 @@ bench: setup
 	$(PY) benchmarks/bundle.py
 	$(PY) benchmarks/faults.py
 	$(PY) benchmarks/verify_inputs.py
+	$(PY) benchmarks/sfm.py
+	$(PY) benchmarks/sfm_real.py
 
 clean:
 	rm -rf out .pytest_cache

@@ -1,13 +1,49 @@
 """Structure from motion: cameras from the images themselves, for captures without a calibration take.
 
 ``run_sfm(source, out_dir)`` works on a capture root (a session or a virtual
-render folder: it uses a stills take) or on any folder of photos (one camera
-per image, the camera id is the file stem). It extracts SIFT features with
-pycolmap (CPU), matches every pair of cameras, runs COLMAP's incremental
-mapper and a final robust bundle adjustment, and writes the result in the
-same form as calibration: ``cameras.json`` (schema ``twinstudio.cameras``,
-``method: "sfm"``) and a COLMAP text model in ``colmap/``. Nothing is
-downloaded (no vocabulary tree: pairs are listed explicitly).
+render folder: it uses a stills take) or on any folder of photos (the camera
+id is the file stem). It extracts SIFT features with pycolmap (CPU), matches
+every pair of cameras, maps with COLMAP, adjusts, and writes the result in
+the same form as calibration: ``cameras.json`` (schema
+``twinstudio.cameras``, ``method: "sfm"``) and a COLMAP text model in
+``colmap/``. Nothing is downloaded (no vocabulary tree: pairs are listed
+explicitly).
+
+A folder of real photos (intrinsics estimated, ``intrinsics="free"``):
+
+* **One camera per physical body.** Photos are grouped by their EXIF
+  (``reconstruct.photos``: make, model, serial, lens, focal length, image
+  size as displayed); a body's photos share one COLMAP camera, so a folder of
+  25 photos from one camera has 4 intrinsic unknowns instead of 100. The
+  focal length starts from the EXIF (35 mm equivalent, or focal length and
+  focal-plane resolution) where present, else COLMAP's guess. ``group``:
+  ``"one"`` (all photos from one camera) or ``"image"`` (a camera each);
+  ``camera_model``: SIMPLE_PINHOLE ... FULL_OPENCV.
+* **Principal point and distortion refined where the photos constrain them**
+  (``_adjust_estimated``): after mapping, a body with at least 3 registered
+  photos whose observations cover 60 % of an 8 x 8 grid over the frame gets
+  its principal point refined (and kept only within 10 % of the shorter side
+  of the centre); distortion is refined at 30 % coverage, else held at zero.
+  The decision, the coverage and the estimates are in ``cameras.json``
+  (``bodies``) and the command's summary. On the Strecha sets the principal
+  point is 15-17 px off centre; holding it there costs COLMAP's defaults most
+  of their error.
+* **Two mappers, the better model kept** (``_map_estimated``, ``_choose``):
+  COLMAP's incremental and global mappers run from the same features and
+  matches, each model adjusted as above. A camera that the two place more
+  than half a neighbour spacing apart (after a robust similarity fit) is left
+  out with the reason: one of them is wrong and nothing says which. Kept: the
+  model with more cameras left, then the lower reprojection error.
+* **Real folders**: files that are not images by name are noted and skipped;
+  images that do not decode cleanly (truncated, not an image) are named and
+  left out, never decoded as grey (``reconstruct.inputs.decode_problems``);
+  EXIF rotation is applied. Photos larger than 2000 px start SIFT at full
+  resolution (no upsampled octave): 3x faster, no loss on these sets. The
+  chroma key (below) is only used with a studio: a capture, or ``rig_path``.
+
+Measured (``python benchmarks/sfm_real.py``, Strecha Herz-Jesus-P25 and
+castle-P30, 3072x2048, against COLMAP 4.2.1's defaults in the same run):
+see the README's table.
 
 What makes it work on a person in a green studio (stock COLMAP fails there,
 colmap #2318, #2576):
@@ -74,12 +110,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from itertools import combinations
+from multiprocessing import get_context
 from pathlib import Path
 from typing import Literal
 
@@ -382,6 +418,32 @@ class _Extractor:
         if s != 1.0:
             k[:, :3] /= s
         return k.astype(np.float32), d, subject is not None
+
+
+_worker: dict = {}
+
+
+def _extractor_init(parent: int | None, cfg: _FeatureConfig) -> None:
+    """A feature worker (process): dies with ``parent``; its extractor is made on first use."""
+    if parent is not None:
+        from rigs.procs import die_with_parent
+
+        die_with_parent(parent=parent)
+    _worker.clear()
+    _worker["cfg"] = cfg
+
+
+def _extract_file(path: Path) -> tuple[int, int, np.ndarray, np.ndarray, bool] | None:
+    """(width, height, keypoints, descriptors, masked?) of an image file, or None when it cannot be read."""
+    img = _read_image(path)
+    if img is None:
+        return None
+    if "extractor" not in _worker:
+        import pycolmap
+
+        pycolmap.logging.minloglevel = 3
+        _worker["extractor"] = _Extractor(_worker["cfg"])
+    return (img.shape[1], img.shape[0], *_worker["extractor"].extract(img))
 
 
 # ----------------------------------------------------------------------------- intrinsics
@@ -807,22 +869,28 @@ def _map_estimated(db_path: Path, image_root: Path, work: Path, options: SfmOpti
     models: dict[str, object] = {}
     candidates: dict[str, dict] = {}
     decisions: dict[str, dict] = {}
-    for name in ("incremental", "global"):
-        if options.mapper not in ("auto", name):
-            continue
+    names = [k for k in ("incremental", "global") if options.mapper in ("auto", k)]
+
+    def run(name: str):
         t = time.perf_counter()
-        if on_event:
-            on_event(SfmProgress("mapping", 0, n, f"{name} mapper"))
         rec = (_map(db_path, image_root, work, options, "free", threads, n, on_event) if name == "incremental"
                else _map_global(db_path, image_root, work, options, threads))
         if rec is None or rec.num_reg_frames() == 0:
-            candidates[name] = {"registered": 0, "seconds": round(time.perf_counter() - t, 2)}
-            continue
-        decisions[name] = _adjust_estimated(rec, options, threads)
-        models[name] = rec
-        candidates[name] = {**_model_stats(rec, by_id), "seconds": round(time.perf_counter() - t, 2)}
-        if on_event:
-            on_event(SfmProgress("mapping", n, n, f"{name} mapper: {candidates[name]['registered']} registered"))
+            return name, None, None, time.perf_counter() - t
+        return name, rec, _adjust_estimated(rec, options, threads), time.perf_counter() - t
+
+    if on_event:
+        on_event(SfmProgress("mapping", 0, n, " and ".join(names) + " mapper"))
+    # the two mappers at the same time: much of each is single-threaded (registration, track building)
+    with ThreadPoolExecutor(len(names)) as pool:
+        for name, rec, decided, seconds in pool.map(run, names):
+            if rec is None:
+                candidates[name] = {"registered": 0, "seconds": round(seconds, 2)}
+                continue
+            models[name], decisions[name] = rec, decided
+            candidates[name] = {**_model_stats(rec, by_id), "seconds": round(seconds, 2)}
+            if on_event:
+                on_event(SfmProgress("mapping", n, n, f"{name} mapper: {candidates[name]['registered']} registered"))
     if not models:
         return None, None
     centres = {k: _camera_centres(r, by_id) for k, r in models.items()}
@@ -1060,32 +1128,36 @@ def run_sfm(source: Path | str, out_dir: Path | str, options: SfmOptions = SfmOp
     cfg = _FeatureConfig(mask, _rig_peak_threshold(options, inputs), options.max_features,
                          options.max_image_size, mask_options)
 
-    # -- read images and extract features (threads: pycolmap and OpenCV release the GIL)
+    # -- read images and extract features: in worker processes (pycolmap's extractor holds the GIL)
     all_views = [v for vs in inputs.views.values() for v in vs]
-    local = threading.local()  # one extractor per worker thread
-
-    def work(v: _View):
-        img = _read_image(v.path)
-        if img is None:
-            return v, None
-        if not hasattr(local, "ex"):
-            local.ex = _Extractor(cfg)
-        return v, (img.shape[1], img.shape[0], *local.ex.extract(img))
-
     feats: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
     sizes: dict[str, dict[tuple[int, int], list[str]]] = {}
     masked = 0
-    with _quiet_colmap(), ThreadPoolExecutor(max(1, min(threads, len(all_views)))) as pool:
-        for done, (v, res) in enumerate(pool.map(work, all_views), 1):
-            if res is None:
-                inputs.skipped[v.name] = "unreadable"
-            else:
-                w, h, k, d, m = res
-                sizes.setdefault(v.camera, {}).setdefault((w, h), []).append(v.name)
-                feats[(v.camera, v.frame)] = (k, d)
-                masked += int(m)
-            if on_event:
-                on_event(SfmProgress("features", done, len(all_views), v.name))
+    workers = max(1, min(threads, len(all_views)))
+    pool = None
+    if workers == 1:
+        _extractor_init(None, cfg)
+        results = map(_extract_file, [v.path for v in all_views])
+    else:
+        # workers die with this process (a SIGKILLed CLI leaves no extractor running on)
+        pool = ProcessPoolExecutor(workers, mp_context=get_context("fork"), initializer=_extractor_init,
+                                   initargs=(os.getpid(), cfg))
+        results = pool.map(_extract_file, [v.path for v in all_views])
+    try:
+        with _quiet_colmap():
+            for done, (v, res) in enumerate(zip(all_views, results), 1):
+                if res is None:
+                    inputs.skipped[v.name] = "unreadable"
+                else:
+                    w, h, k, d, m = res
+                    sizes.setdefault(v.camera, {}).setdefault((w, h), []).append(v.name)
+                    feats[(v.camera, v.frame)] = (k, d)
+                    masked += int(m)
+                if on_event:
+                    on_event(SfmProgress("features", done, len(all_views), v.name))
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
     for cam, by_size in sizes.items():
         if len(by_size) > 1:
             desc = "; ".join(f"{w}x{h}: {', '.join(names[:3])}" for (w, h), names in by_size.items())
