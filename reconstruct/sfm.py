@@ -89,7 +89,7 @@ rig file with every camera nudged by 30 mm / 0.75 deg as the rig file;
 register on every seed; after a similarity fit to the exact cameras,
 positions are 3.8 / 4.4 / 4.9 mm off (median; max 10 / 20 / 13 mm) and
 rotations 0.17 / 0.10 / 0.12 deg (max 0.29 / 0.38 / 0.30); about 9000 points,
-0.39 px; about 80 s per seed on two CPU cores. Before the rig-mode additions
+0.39 px; about 50 s per seed on two CPU cores. Before the rig-mode additions
 (``reconstruct.sfm_rig``: peak threshold 0.002 on a take, two-view tracks
 triangulated after mapping, rig positions as 3 cm priors in the last
 adjustment) the same renders gave 5.8 / 15.9 / 7.4 mm and 0.16 / 0.45 / 0.17
@@ -928,11 +928,10 @@ def _choose(candidates: dict[str, dict], centres: dict[str, dict[str, np.ndarray
     return chosen, flagged[chosen]
 
 
-def _bundle_adjust(rec, refine_focal: bool, threads: int, refine_extra: bool = False,
-                   refine_pp: bool = False, robust: bool = True) -> None:
-    """Bundle adjustment of poses and points (robust: Cauchy, 0.5 px), optionally of focal lengths,
-    distortion and principal points (of every camera: COLMAP's options are global); the gauge is fixed
-    by three points, so no camera is held."""
+def ba_options(threads: int, refine_focal: bool = False, refine_extra: bool = False, refine_pp: bool = False,
+               robust: bool = True):
+    """COLMAP bundle-adjustment options: poses and points, optionally focal lengths, distortion and principal
+    points (of every camera: COLMAP's options are global); robust: Cauchy at 0.5 px; converged tightly."""
     import pycolmap
 
     bo = pycolmap.BundleAdjustmentOptions(refine_focal_length=refine_focal, refine_extra_params=refine_extra,
@@ -946,12 +945,29 @@ def _bundle_adjust(rec, refine_focal: bool, threads: int, refine_extra: bool = F
     s.function_tolerance = 1e-10
     s.gradient_tolerance = 1e-10
     s.num_threads = threads
+    return bo
+
+
+def ba_config(rec):
+    """A bundle-adjustment configuration over every registered image of ``rec``."""
+    import pycolmap
+
     config = pycolmap.BundleAdjustmentConfig()
     for iid, img in rec.images.items():
         if img.has_pose:
             config.add_image(iid)
+    return config
+
+
+def _bundle_adjust(rec, refine_focal: bool, threads: int, refine_extra: bool = False,
+                   refine_pp: bool = False, robust: bool = True) -> None:
+    """Bundle adjustment (:func:`ba_options`); the gauge is fixed by three points, so no camera is held."""
+    import pycolmap
+
+    config = ba_config(rec)
     config.fix_gauge(pycolmap.BundleAdjustmentGauge.THREE_POINTS)
-    pycolmap.create_default_bundle_adjuster(bo, config, rec).solve()
+    pycolmap.create_default_bundle_adjuster(ba_options(threads, refine_focal, refine_extra, refine_pp, robust),
+                                            config, rec).solve()
 
 
 def _collapse(rec, views_of_image: dict[int, _View]):
@@ -1278,14 +1294,9 @@ def run_sfm(source: Path | str, out_dir: Path | str, options: SfmOptions = SfmOp
             dst = np.array([nominal[c] for c in common])
             # robust fit: a camera registered far from where the rig file puts it (a false registration
             # on the plain backdrop) would tilt every other camera; fit without it and leave it out
-            inl = np.ones(len(common), dtype=bool)
-            for _ in range(10):
-                s, R, t = umeyama(src[inl], dst[inl])
-                res = np.linalg.norm((s * (R @ src.T)).T + t - dst, axis=1)
-                new = res <= max(RIG_TOLERANCE_M, 4 * float(np.median(res[inl])))
-                if new.sum() < 3 or np.array_equal(new, inl):
-                    break
-                inl = new
+            from reconstruct.sfm_rig import robust_rig_fit
+
+            s, R, t, res, inl = robust_rig_fit(src, dst, RIG_TOLERANCE_M)
             for c, r_m, ok in zip(common, res, inl):
                 if not ok:
                     unregistered[c] = (f"registered {r_m:.2f} m from its rig-file position after alignment: "

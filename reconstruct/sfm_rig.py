@@ -66,20 +66,10 @@ def adjust_with_rig_priors(rec, camera_of: dict[int, str], nominal: dict[str, np
         p.position_covariance = np.eye(3) * sigma_m ** 2
         p.coordinate_system = pycolmap.PosePriorCoordinateSystem.CARTESIAN
         priors.append(p)
-    bo = pycolmap.BundleAdjustmentOptions(refine_focal_length=False, refine_extra_params=False,
-                                          refine_principal_point=False, refine_sensor_from_rig=False,
-                                          print_summary=False)
-    bo.ceres.loss_function_type = pycolmap.LossFunctionType.CAUCHY
-    bo.ceres.loss_function_scale = 0.5
-    so = bo.ceres.solver_options
-    so.max_num_iterations = 300
-    so.function_tolerance = 1e-10
-    so.gradient_tolerance = 1e-10
-    so.num_threads = threads
-    config = pycolmap.BundleAdjustmentConfig()
-    for i in rec.images:
-        if rec.images[i].has_pose:
-            config.add_image(i)
+    from reconstruct.sfm import ba_config, ba_options
+
+    bo = ba_options(threads)  # poses and points, Cauchy at 0.5 px
+    config = ba_config(rec)
     po = pycolmap.PosePriorBundleAdjustmentOptions()
     po.ceres.prior_position_loss_function_type = pycolmap.LossFunctionType.CAUCHY
     pycolmap.create_pose_prior_bundle_adjuster(bo, po, config, priors, rec).solve()
