@@ -873,8 +873,15 @@ def _map_estimated(db_path: Path, image_root: Path, work: Path, options: SfmOpti
 
     def run(name: str):
         t = time.perf_counter()
-        rec = (_map(db_path, image_root, work, options, "free", threads, n, on_event) if name == "incremental"
-               else _map_global(db_path, image_root, work, options, threads))
+        if name == "incremental":
+            rec = _map(db_path, image_root, work, options, "free", threads, n, on_event)
+        else:
+            try:  # the second opinion: its failure leaves the incremental model
+                rec = _map_global(db_path, image_root, work, options, threads)
+            except (RuntimeError, ValueError) as e:
+                if options.mapper == "global":
+                    raise SfmError(f"{image_root}: the global mapper failed: {e}", path=str(image_root)) from e
+                return name, None, f"failed: {e}", time.perf_counter() - t
         if rec is None or rec.num_reg_frames() == 0:
             return name, None, None, time.perf_counter() - t
         return name, rec, _adjust_estimated(rec, options, threads), time.perf_counter() - t
@@ -885,7 +892,8 @@ def _map_estimated(db_path: Path, image_root: Path, work: Path, options: SfmOpti
     with ThreadPoolExecutor(len(names)) as pool:
         for name, rec, decided, seconds in pool.map(run, names):
             if rec is None:
-                candidates[name] = {"registered": 0, "seconds": round(seconds, 2)}
+                candidates[name] = {"registered": 0, "seconds": round(seconds, 2),
+                                    **({"error": decided} if decided else {})}
                 continue
             models[name], decisions[name] = rec, decided
             candidates[name] = {**_model_stats(rec, by_id), "seconds": round(seconds, 2)}

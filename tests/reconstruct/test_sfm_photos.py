@@ -336,3 +336,18 @@ def test_cli_summary_names_the_mapper_bodies_and_files(room, tmp_path, capsys):
     assert "left out IMG_9000.jpg: cannot be decoded" in text and "note: notes.txt: not an image file" in text
     assert main(["reconstruct", "sfm", str(folder), "--out", str(tmp_path / "x"), "--camera-model", "FISHEYE"]) == 2
     assert "FISHEYE" in capsys.readouterr().err
+
+
+def test_a_failing_global_mapper_leaves_the_incremental_model(room, tmp_path, monkeypatch):
+    import reconstruct.sfm as sfm
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("rotation averaging diverged")
+
+    monkeypatch.setattr(sfm, "_map_global", broken)
+    folder, truth = room
+    r = run_sfm(folder, tmp_path / "out", SfmOptions(threads=2))
+    assert r.mapping["chosen"] == "incremental" and len(r.registered) == len(truth)
+    assert r.mapping["candidates"]["global"]["error"] == "failed: rotation averaging diverged"
+    with pytest.raises(SfmError, match="the global mapper failed: rotation averaging diverged"):
+        run_sfm(folder, tmp_path / "out2", SfmOptions(threads=2, mapper="global"))
