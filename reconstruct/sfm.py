@@ -54,7 +54,8 @@ colmap #2318, #2576):
   afterwards, one per physical camera, and keeps the known one where it would
   move by more than 5 % (distortion and principal points stay: a person in
   the middle of the frame does not observe them);
-  ``"free"`` estimates a ``SIMPLE_RADIAL`` camera per image from scratch.
+  ``"free"`` estimates them (one camera per body, as for a folder of photos
+  above; in a capture each rig camera is a body).
 * **All lighting steps of a stills take, one pose per camera.** The 8 images
   of a camera are one COLMAP *rig* frame (a sensor per step, identity
   ``sensor_from_rig``, held fixed), so their features add up to constrain one
@@ -171,7 +172,7 @@ class SfmOptions:
     """Frames (lighting steps) of the take to use; default all. Several frames of a camera share its pose."""
     intrinsics: Literal["auto", "known", "refine", "free"] = "auto"
     """'known': fixed from cameras_path or the rig's lens data; 'refine': those, focal lengths refined;
-    'free': estimated per camera (one frame per camera then); 'auto': 'known' when available."""
+    'free': estimated, one camera per body (one frame per camera then); 'auto': 'known' when available."""
     min_registered: int = 3
     """Fail when fewer cameras register."""
     max_image_size: int = 3200
