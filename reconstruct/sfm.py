@@ -111,6 +111,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -878,7 +879,7 @@ def _map_estimated(db_path: Path, image_root: Path, work: Path, options: SfmOpti
             rec = _map(db_path, image_root, work, options, "free", threads, n, on_event)
         else:
             try:  # the second opinion: its failure leaves the incremental model
-                rec = _map_global(db_path, image_root, work, options, threads)
+                rec = _map_global(global_db, image_root, work, options, threads)
             except (RuntimeError, ValueError) as e:
                 if options.mapper == "global":
                     raise SfmError(f"{image_root}: the global mapper failed: {e}", path=str(image_root)) from e
@@ -889,17 +890,28 @@ def _map_estimated(db_path: Path, image_root: Path, work: Path, options: SfmOpti
 
     if on_event:
         on_event(SfmProgress("mapping", 0, n, " and ".join(names) + " mapper"))
-    # the two mappers at the same time: much of each is single-threaded (registration, track building)
+    # the two mappers at the same time (much of each is single-threaded: registration, track building),
+    # each with its own copy of the database: SQLite does not let both open one file at once
+    global_db = db_path
+    if len(names) == 2:
+        global_db = work / "global.db"
+        shutil.copyfile(db_path, global_db)
     with ThreadPoolExecutor(len(names)) as pool:
-        for name, rec, decided, seconds in pool.map(run, names):
-            if rec is None:
-                candidates[name] = {"registered": 0, "seconds": round(seconds, 2),
-                                    **({"error": decided} if decided else {})}
-                continue
-            models[name], decisions[name] = rec, decided
-            candidates[name] = {**_model_stats(rec, by_id), "seconds": round(seconds, 2)}
-            if on_event:
-                on_event(SfmProgress("mapping", n, n, f"{name} mapper: {candidates[name]['registered']} registered"))
+        results = list(pool.map(run, names))
+    for i, (name, rec, decided, seconds) in enumerate(results):
+        if name == "global" and rec is None and decided and len(names) == 2:
+            results[i] = run(name)  # once more, alone (it failed next to the other: a busy database, memory)
+    for name, rec, decided, seconds in results:
+        if rec is None:
+            candidates[name] = {"registered": 0, "seconds": round(seconds, 2),
+                                **({"error": decided} if decided else {})}
+            continue
+        models[name], decisions[name] = rec, decided
+        candidates[name] = {**_model_stats(rec, by_id), "seconds": round(seconds, 2)}
+        if on_event:
+            on_event(SfmProgress("mapping", n, n, f"{name} mapper: {candidates[name]['registered']} registered"))
+    if global_db != db_path:
+        global_db.unlink(missing_ok=True)
     if not models:
         return None, None
     centres = {k: _camera_centres(r, by_id) for k, r in models.items()}
