@@ -6,6 +6,13 @@ told to shoot at once, and results are journaled as they arrive (one fsync
 per batch of arrivals). A camera that fails is retried with backoff by its
 worker; one that still fails is recorded as failed for that frame and the
 other cameras' frames are kept; ``reshoot`` fires only the missing ones.
+
+Kinds of take: ``calibration`` (the ChArUco board at the rig's poses),
+``plates`` (clean plates: the empty studio under every lighting step of the
+stills, for keying the subject's edges against the backdrop), ``stills``
+(the subject under every lighting step) and ``motion``. On a hardware rig
+the technician is asked (``CaptureOptions.prompt``) to place the board for
+each calibration pose and to clear the stage before a plates take.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ from rigs.errors import TwinstudioError
 from rigs.rigfile import CameraSpec, Rig
 
 EventSink = Callable[[CaptureEvent], None]
-KINDS = ("calibration", "stills", "motion")
+KINDS = ("calibration", "plates", "stills", "motion")
 
 
 class CaptureError(TwinstudioError):
@@ -56,18 +63,20 @@ class CaptureOptions:
     check_disk: bool = True
     start_method: str = "fork"  # worker processes: fork starts hundreds quickly on Linux
     render_scale: float = 1.0  # virtual studio render scale (tests use small images)
-    prompt: Callable[[str], None] | None = None  # hardware calibration: wait for the technician
+    prompt: Callable[[str], None] | None = None  # hardware calibration and plates: wait for the technician
 
 
 def plan_frames(rig: Rig, kind: str, options: CaptureOptions) -> list[FramePlan]:
     """The frames of a take of ``kind`` for this rig."""
     if kind == "calibration":
         return [FramePlan(index=i, board_index=i) for i in range(rig.calibration.poses)]
-    if kind == "stills":
+    if kind in ("plates", "stills"):
+        # plates: the empty studio under the stills' lighting steps, frame for frame (no clip frame: nobody)
+        subject = 0 if kind == "stills" else None
         steps = rig.preset_steps()
         if not steps:
-            return [FramePlan(index=0, clip_frame=0)]
-        return [FramePlan(index=i, step=s.name, clip_frame=0) for i, s in enumerate(steps)]
+            return [FramePlan(index=0, clip_frame=subject)]
+        return [FramePlan(index=i, step=s.name, clip_frame=subject) for i, s in enumerate(steps)]
     if kind == "motion":
         n = options.frames or rig.motion.frames
         preset = rig.motion_preset
@@ -266,7 +275,7 @@ def _driver_options(session: Session, rig: Rig, kind: str, options: CaptureOptio
 
 def run_take(session: Session, kind: str, options: CaptureOptions = CaptureOptions(), *,
              on_event: EventSink | None = None) -> TakeRecord:
-    """Shoot a new take of ``kind`` ("calibration", "stills", "motion"); returns its record.
+    """Shoot a new take of ``kind`` ("calibration", "plates", "stills", "motion"); returns its record.
 
     Holds the session's writer lock throughout (SessionLocked when another process writes it)."""
     with session.writing():
@@ -361,6 +370,9 @@ def _shoot_take(session: Session, take_id: str, only: set[tuple[str, int]] | Non
                                  "qa_flags": ["blocked by the settings guard"], "t": time.time()}])
                 session.save()
                 raise
+            if take.kind == "plates" and todo and not rig.is_virtual and options.prompt:
+                options.prompt(f"clear the stage: clean plates of the empty studio, {len(todo)} lighting "
+                               f"step{'s' if len(todo) != 1 else ''}; then continue")
             current_step = None
             gone: set[str] = set()  # cameras that disconnected during this take
             t0: float | None = None  # motion: when the take's clock started

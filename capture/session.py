@@ -58,7 +58,7 @@ SESSION_VERSION = 1
 #: journal format: 2 = every line carries a CRC-32 (``"crc"``); 1 = plain JSON lines (older sessions)
 JOURNAL_FORMAT = 2
 LOCK_FILE = "session.lock"
-TAKE_PREFIX = {"calibration": "calib", "stills": "stills", "motion": "motion"}
+TAKE_PREFIX = {"calibration": "calib", "plates": "plates", "stills": "stills", "motion": "motion"}
 _FRAME_NAME = re.compile(r"^(\d{6})\.[a-z0-9]+$")
 
 

@@ -145,8 +145,9 @@ def _shoot(driver, conn, request: dict, stem: str, retries: int, backoff_s: floa
             result = {"ok": True, "path": str(path), "sha256": sha, "size": len(got.data),
                       "trigger_time": info.time, "exposure_s": info.exposure_s, "download_s": got.download_s,
                       "attempts": attempt, "latency_s": time.time() - t_cmd}
-            if qa is not None:
-                result["qa"] = frame_qa(got.data, QASettings(**qa), expect_subject=req.kind != "calibration")
+            if qa is not None:  # no subject on a calibration take or a clean plate: no subject checks
+                result["qa"] = frame_qa(got.data, QASettings(**qa),
+                                        expect_subject=req.kind not in ("calibration", "plates"))
             health = driver.health()
             result["battery_pct"] = health.battery_pct
             return result

@@ -8,6 +8,11 @@ session, the render folder itself for a render. ``GroundTruth`` reads them.
 
 ``cameras.json`` (schema ``twinstudio.cameras``, OpenCV convention,
 world-to-camera poses) is the one camera file every stage writes and reads.
+
+Clean plates (``plates-nnn`` takes: the empty studio from every camera under
+every lighting step of the stills) are looked up by camera and lighting step:
+:func:`find_plate` gives the plate behind a still, so its edges can be
+unmixed from the backdrop, ``F = (I - (1 - a) B) / a``.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from collections.abc import Collection, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -27,9 +33,12 @@ from rigs.errors import TwinstudioError
 from rigs.fileio import atomic_write_json, sha256_file
 from rigs.geometry import Camera, Intrinsics
 
+if TYPE_CHECKING:
+    from capture.session import SessionManifest
+
 CAMERAS_SCHEMA = "twinstudio.cameras"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-TAKE_KINDS = {"calib": "calibration", "stills": "stills", "motion": "motion"}
+TAKE_KINDS = {"calib": "calibration", "plates": "plates", "stills": "stills", "motion": "motion"}
 
 
 class ReconstructError(TwinstudioError):
@@ -85,7 +94,7 @@ def read_cameras(path: Path | str) -> dict[str, Camera]:
 
 
 def capture_kind(take_id: str) -> str | None:
-    """'calibration' | 'stills' | 'motion' from a take id such as ``stills-002`` (None if unknown)."""
+    """'calibration' | 'plates' | 'stills' | 'motion' from a take id such as ``stills-002`` (None if unknown)."""
     return TAKE_KINDS.get(take_id.rsplit("-", 1)[0])
 
 
@@ -108,12 +117,20 @@ def list_takes(root: Path | str, kind: str | None = None) -> list[str]:
 
 
 def find_take(root: Path | str, kind: str, take: str | None = None) -> str:
-    """The take to use: ``take`` if given (checked), else the latest take of ``kind``."""
+    """The take to use: ``take`` if given (checked), else the latest take of ``kind``.
+
+    A clean-plate take (the empty studio) is never taken for another kind, nor another kind for one.
+    """
     root = Path(root)
     if take is not None:
         if not (root / "takes" / take).is_dir():
             raise ReconstructError(f"{root}: no take {take!r} (takes: {', '.join(list_takes(root)) or 'none'})",
                                    path=str(root), take=take)
+        actual = capture_kind(take)
+        if actual != kind and "plates" in (actual, kind):
+            raise ReconstructError(f"{root}: take {take} is a {actual or 'unknown'} take, not a {kind} take"
+                                   + (" (clean plates of the empty studio hold no subject)"
+                                      if actual == "plates" else ""), path=str(root), take=take, kind=kind)
         return take
     found = list_takes(root, kind)
     if not found:
@@ -132,6 +149,116 @@ def take_images(root: Path | str, take: str) -> dict[str, dict[int, Path]]:
                   if p.suffix.lower() in IMAGE_SUFFIXES and p.stem.isdigit() and p.is_file()}
         if frames:
             out[cam_dir.name] = dict(sorted(frames.items()))
+    return out
+
+
+def take_steps(root: Path | str, take: str) -> dict[int, str]:
+    """``{frame: lighting step name}`` of a take ("" for a session on a rig without presets).
+
+    From ``session.json`` (the frames the take planned) for a session, from
+    ``render.json`` (``takes[].steps``) for a virtual render folder.
+    """
+    root = Path(root)
+    steps = _all_take_steps(root)[0]
+    if take not in steps:
+        src = "session.json" if (root / "session.json").is_file() else "render.json"
+        raise ReconstructError(f"{root / src}: no take {take!r} (takes: {', '.join(steps) or 'none'})",
+                               path=str(root / src), take=take)
+    return steps[take]
+
+
+def plate_steps(root: Path | str, take: str) -> dict[str, dict[str, Path]]:
+    """The images of a plates take by lighting step and camera: ``{step: {camera: image path}}``.
+
+    A session lists the frames ``session.json`` records as captured, a render
+    folder the images on disk; a plate a camera missed is absent. The images
+    are not verified here (see :func:`verified_images`).
+    """
+    root = Path(root)
+    if capture_kind(take) != "plates":
+        raise ReconstructError(f"take {take} is not a plates take (clean plates are plates-nnn)", take=take)
+    steps, manifest = _all_take_steps(root)
+    if take not in steps:
+        raise ReconstructError(f"{root}: no take {take!r}", path=str(root), take=take)
+    return _plate_images(root, take, steps[take], manifest)
+
+
+def plates_for(root: Path | str, stills_take: str) -> dict[str, dict[int, Path]]:
+    """The clean plate behind every frame of ``stills_take``: ``{camera: {frame: plate image}}``.
+
+    For each frame, the image of the same camera under the same lighting step
+    in the latest plates take that holds one; frames without a plate are left
+    out. Reads the manifest once: use it rather than :func:`find_plate` for
+    many frames.
+    """
+    root = Path(root)
+    steps, manifest = _all_take_steps(root)
+    if stills_take not in steps:
+        raise ReconstructError(f"{root}: no take {stills_take!r} (takes: {', '.join(steps) or 'none'})",
+                               path=str(root), take=stills_take)
+    by_step: dict[str, dict[str, Path]] = {}
+    for plates in list_takes(root, "plates"):  # oldest first: a later take's plates replace an earlier one's
+        if plates in steps and (root / "takes" / plates).is_dir():
+            for step, cams in _plate_images(root, plates, steps[plates], manifest).items():
+                by_step.setdefault(step, {}).update(cams)
+    out: dict[str, dict[int, Path]] = {}
+    for frame, step in sorted(steps[stills_take].items()):
+        for cam, path in by_step.get(step, {}).items():
+            out.setdefault(cam, {})[frame] = path
+    return dict(sorted(out.items()))
+
+
+def find_plate(root: Path | str, stills_take: str, camera: str, frame: int) -> Path | None:
+    """The clean plate behind frame ``frame`` of ``stills_take`` as seen by ``camera``, or None.
+
+    The plate is the image of the same camera under the same lighting step
+    (step names from ``session.json``, or ``render.json`` for a render
+    folder) in the latest plates take that holds one; None when none does.
+    Raises ReconstructError when ``stills_take`` or its frame is unknown.
+    """
+    root = Path(root)
+    frames = take_steps(root, stills_take)
+    if frame not in frames:
+        raise ReconstructError(f"take {stills_take} has no frame {frame} (frames: "
+                               f"{', '.join(map(str, sorted(frames))) or 'none'})", take=stills_take, frame=frame)
+    return plates_for(root, stills_take).get(camera, {}).get(frame)
+
+
+def _all_take_steps(root: Path) -> tuple[dict[str, dict[int, str]], SessionManifest | None]:
+    """``({take: {frame: step}}, session manifest or None)`` of a session or render folder."""
+    if (root / "session.json").is_file():
+        from capture.session import read_manifest
+
+        try:
+            m = read_manifest(root)
+        except TwinstudioError as e:
+            raise ReconstructError(str(e), path=str(root / "session.json")) from e
+        return {t.id: {f.index: f.step for f in t.frames} for t in m.takes.values()}, m
+    if (root / "render.json").is_file():
+        from rigs.virtual.render import load_render_manifest
+
+        try:
+            r = load_render_manifest(root / "render.json")
+        except TwinstudioError as e:
+            raise ReconstructError(str(e), path=str(root / "render.json")) from e
+        return {t["id"]: dict(enumerate(t.get("steps", []))) for t in r.takes}, None
+    raise ReconstructError(f"{root}: neither session.json nor render.json, so the lighting steps of its takes "
+                           "are unknown", path=str(root))
+
+
+def _plate_images(root: Path, take: str, steps: dict[int, str],
+                  manifest: SessionManifest | None) -> dict[str, dict[str, Path]]:
+    """``{step: {camera: image}}`` of one plates take: the captured frames of a session, a render's files."""
+    if manifest is not None:
+        rec = manifest.takes[take]
+        images = {cam: {f: root / r.path for f, r in frames.items()} for cam, frames in rec.captured.items()}
+    else:
+        images = take_images(root, take)
+    out: dict[str, dict[str, Path]] = {}
+    for frame, step in sorted(steps.items()):
+        for cam, frames in sorted(images.items()):
+            if frame in frames and frames[frame].is_file():
+                out.setdefault(step, {})[cam] = frames[frame]
     return out
 
 
@@ -349,5 +476,6 @@ class GroundTruth:
 
 
 __all__ = ["CAMERAS_SCHEMA", "GroundTruth", "NoTakeError", "ReconstructError", "VerifiedImages", "capture_kind",
-           "decode_problem", "decode_problems", "find_take", "intrinsics_for_size", "left_out_summary", "list_takes",
-           "read_cameras", "take_images", "verified_images", "write_cameras"]
+           "decode_problem", "decode_problems", "find_plate", "find_take", "intrinsics_for_size", "left_out_summary",
+           "list_takes", "plate_steps", "plates_for", "read_cameras", "take_images", "take_steps",
+           "verified_images", "write_cameras"]

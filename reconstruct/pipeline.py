@@ -13,6 +13,10 @@ stage its status, time and figures, and an *accuracy* list of the figures
 that matter with their targets. On virtual captures every figure is scored
 against ground truth. Nothing here prints: progress goes to ``on_event``.
 
+Each stage picks its take by kind (:func:`reconstruct.inputs.find_take`): a
+``plates`` take (clean plates of the empty studio) is never read as stills
+or motion, and a plates take named as ``stills_take`` is refused.
+
 A stage's status is one of:
 
 * ``done`` — it wrote its outputs;

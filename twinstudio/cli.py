@@ -134,7 +134,7 @@ def rig_render(
     rig_file: Annotated[str, typer.Argument(help="Rig file (TOML), or the name of a library rig.")],
     out: Annotated[Path, typer.Option("--out", help="Folder to write the takes into.")],
     frames: Annotated[Optional[int], typer.Option(help="Frames of the motion take (default: the rig's).")] = None,
-    takes: Annotated[str, typer.Option(help="Comma-separated takes: calibration, stills, motion.")]
+    takes: Annotated[str, typer.Option(help="Comma-separated takes: calibration, plates (clean plates of the empty studio), stills, motion.")]
     = "stills,motion",
     scale: Annotated[float, typer.Option(help="Resolution scale (0.5 = half width and height).")] = 1.0,
     workers: Annotated[Optional[int], typer.Option(help="Worker processes (default: CPU cores).")] = None,
@@ -177,10 +177,10 @@ def _render(rig_file: str, out: Path, *, frames, takes: str, scale: float, worke
     from rigs.virtual.render import RenderOptions, run_render
 
     kinds = tuple(t.strip() for t in takes.split(",") if t.strip())
-    bad = [k for k in kinds if k not in ("calibration", "stills", "motion")]
+    bad = [k for k in kinds if k not in ("calibration", "plates", "stills", "motion")]
     if bad or not kinds:
         raise typer.BadParameter(f"unknown take kind(s) {', '.join(bad) or '(none)'}; "
-                                 "use calibration, stills, motion", param_hint="--takes")
+                                 "use calibration, plates, stills, motion", param_hint="--takes")
     options = RenderOptions(takes=kinds, frames=frames, scale=scale, workers=workers)  # type: ignore[arg-type]
     with _progress(plain, "rendering") as on_event:
         result = run_render(rig_file, out, options, on_event=on_event)

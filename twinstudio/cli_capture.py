@@ -243,6 +243,19 @@ def capture_calibrate(session: SessionOpt, rig: RigOpt = None, plain: PlainOpt =
           sim_disconnect_after, virtual_source, render_scale)
 
 
+@capture_app.command("plates")
+def capture_plates(session: SessionOpt, rig: RigOpt = None, plain: PlainOpt = False, sim_latency: SimLatency = 0.0,
+                   sim_jitter: SimJitter = 0.0, sim_failure_rate: SimFail = 0.0, sim_disconnect_after: SimDisc = None,
+                   virtual_source: VSource = "render", render_scale: RScale = 1.0) -> None:
+    """Shoot clean plates: the empty studio from every camera under each lighting step of the stills.
+
+    Clear the stage first (a hardware rig asks for it before the first frame); the plates let
+    the subject's edges be separated from the backdrop later.
+    """
+    _take("plates", session, rig, None, plain, sim_latency, sim_jitter, sim_failure_rate, sim_disconnect_after,
+          virtual_source, render_scale)
+
+
 @capture_app.command("stills")
 def capture_stills(session: SessionOpt, rig: RigOpt = None, plain: PlainOpt = False, sim_latency: SimLatency = 0.0,
                    sim_jitter: SimJitter = 0.0, sim_failure_rate: SimFail = 0.0, sim_disconnect_after: SimDisc = None,
@@ -267,14 +280,14 @@ def capture_run(session: SessionOpt, rig: RigOpt = None, frames: FramesOpt = Non
                 sim_latency: SimLatency = 0.0, sim_jitter: SimJitter = 0.0, sim_failure_rate: SimFail = 0.0,
                 sim_disconnect_after: SimDisc = None, virtual_source: VSource = "render",
                 render_scale: RScale = 1.0) -> None:
-    """The scripted session: calibrate, stills, motion."""
+    """The scripted session: calibrate, clean plates of the empty studio, stills, motion."""
     from capture.orchestrator import prepare_virtual_studio, run_take
 
     s = _open(session, rig)
     opts = _options(frames, sim_latency, sim_jitter, sim_failure_rate, sim_disconnect_after, virtual_source,
                     render_scale)
     recs = []
-    kinds = ("calibration", "stills", "motion")
+    kinds = ("calibration", "plates", "stills", "motion")
     with _writing(s), _events(plain, session) as on_event:
         if s.rig.is_virtual and virtual_source == "render":
             prepare_virtual_studio(s, kinds, opts, on_event)

@@ -49,7 +49,7 @@ def run_demo(out: Path, rig: str, *, scale: float = 1.0, frames: int | None = No
     opts = CaptureOptions(render_scale=scale, frames=frames)
     t0 = time.perf_counter()
     takes = []
-    kinds = ("calibration", "stills", "motion")
+    kinds = ("calibration", "plates", "stills", "motion")
     with session.writing(command="twinstudio demo"), _events(plain, path) as on_event:
         prepare_virtual_studio(session, kinds, opts, on_event)
         for kind in kinds:

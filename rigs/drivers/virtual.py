@@ -21,7 +21,7 @@ from rigs.drivers.base import (CameraHealth, DriverError, DriverOptions, Fetched
                                TriggerInfo)
 from rigs.rigfile import CameraSpec, LightSpec, SettingsProfile
 
-_KIND_OF_TAKE = {"calib": "calibration", "stills": "stills", "motion": "motion"}
+_KIND_OF_TAKE = {"calib": "calibration", "plates": "plates", "stills": "stills", "motion": "motion"}
 _STORAGE_BYTES = 64 * 2**30
 
 

@@ -17,9 +17,12 @@ writes ``render.json`` last. Layout of ``out_dir``::
     takes/<take>/gt/frames.json                  per frame: time, lighting step, joints, landmarks, board pose
 
 Takes: ``calib-nnn`` (the ChArUco board at the rig's calibration poses, no
-subject), ``stills-nnn`` (subject at rest, one frame per lighting step of
-every preset) and ``motion-nnn`` (the motion clip at the rig's fps under the
-motion preset).
+subject), ``plates-nnn`` (clean plates: the empty studio, no subject and no
+board, one frame per lighting step of the stills, in the same order; its
+masks are all 0, its depth PNGs 0 everywhere and its frames.json has no
+joints, landmarks or meshes), ``stills-nnn`` (subject at rest, one frame per
+lighting step of every preset) and ``motion-nnn`` (the motion clip at the
+rig's fps under the motion preset).
 """
 
 from __future__ import annotations
@@ -51,8 +54,8 @@ DEPTH_SCALE = 5000.0
 RENDER_SCHEMA = "twinstudio.render"
 RENDER_SCHEMA_VERSION = 1
 
-TakeKind = Literal["calibration", "stills", "motion"]
-_TAKE_PREFIX = {"calibration": "calib", "stills": "stills", "motion": "motion"}
+TakeKind = Literal["calibration", "plates", "stills", "motion"]
+_TAKE_PREFIX = {"calibration": "calib", "plates": "plates", "stills": "stills", "motion": "motion"}
 
 
 class RenderError(TwinstudioError):
@@ -156,9 +159,11 @@ def plan_takes(rig: Rig, options: RenderOptions) -> list[TakeSpec]:
         tid = f"{_TAKE_PREFIX[kind]}-{n:03d}"
         if kind == "calibration":
             frames = [FrameSpec(i, 0.0, flat, None, i) for i in range(rig.calibration.poses)]
-        elif kind == "stills":
+        elif kind in ("plates", "stills"):
+            # a clean plate per lighting step of the stills: the same steps in the same order, nobody on stage
             steps = rig.preset_steps() or [flat]
-            frames = [FrameSpec(i, 0.0, s, 0, None) for i, s in enumerate(steps)]
+            subject = 0 if kind == "stills" else None
+            frames = [FrameSpec(i, 0.0, s, subject, None) for i, s in enumerate(steps)]
         else:
             count = options.frames or rig.motion.frames
             frames = [FrameSpec(i, i / rig.motion.fps, flat, i, None) for i in range(count)]

@@ -102,15 +102,15 @@ def test_half_scale_capture_is_reconstructed_at_its_own_image_size(half, tmp_pat
 
 def test_damaged_frames_are_left_out_listed_and_the_stages_go_on(half, tmp_path):
     s = _copy(half, tmp_path)
-    truncated = "takes/stills-002/cam02/000003.jpg"
+    truncated = "takes/stills-003/cam02/000003.jpg"
     size = (s / truncated).stat().st_size
     (s / truncated).write_bytes((s / truncated).read_bytes()[:1000])
     overwritten = "takes/calib-001/cam01/000005.jpg"  # random bytes, the same length: only the hash tells
     n = (s / overwritten).stat().st_size
     (s / overwritten).write_bytes(np.random.default_rng(0).integers(0, 256, n, dtype=np.uint8).tobytes())
-    unlisted = "takes/stills-002/cam01/000099.jpg"  # a file the capture never wrote
-    shutil.copyfile(s / "takes/stills-002/cam01/000000.jpg", s / unlisted)
-    gone = "takes/motion-003/cam09/000002.jpg"
+    unlisted = "takes/stills-003/cam01/000099.jpg"  # a file the capture never wrote
+    shutil.copyfile(s / "takes/stills-003/cam01/000000.jpg", s / unlisted)
+    gone = "takes/motion-004/cam09/000002.jpg"
     (s / gone).unlink()
 
     r = run("reconstruct", "run", s, "--stages", "cameras,masks,motion", "--workers", "2", "--plain")
@@ -122,8 +122,8 @@ def test_damaged_frames_are_left_out_listed_and_the_stages_go_on(half, tmp_path)
         str(s / truncated): f"truncated: 1000 bytes, session.json records {size}",
         str(s / unlisted): "not listed in session.json"}
     assert st["masks"]["images"] == len(CAMERAS) * 8 - 1
-    assert not (s / "recon/masks/stills-002/cam02/000003.mask.png").exists()
-    assert (s / "recon/masks/stills-002/cam02/000002.mask.png").exists()
+    assert not (s / "recon/masks/stills-003/cam02/000003.mask.png").exists()
+    assert (s / "recon/masks/stills-003/cam02/000002.mask.png").exists()
     assert st["motion"]["left_out"] == {str(s / gone): "missing (listed in session.json)"}
     assert {"camera": "cam09", "frame": 2, "reason": "left out: missing (listed in session.json)"} \
         in st["motion"]["views_skipped"]
@@ -137,7 +137,7 @@ def test_damaged_frames_are_left_out_listed_and_the_stages_go_on(half, tmp_path)
 
 def test_too_few_good_frames_fail_the_stage_by_name(half, tmp_path):
     s = _copy(half, tmp_path)
-    bad = [f"takes/stills-002/{c}/000000.jpg" for c in CAMERAS[:4]]
+    bad = [f"takes/stills-003/{c}/000000.jpg" for c in CAMERAS[:4]]
     for rel in bad:
         (s / rel).write_bytes((s / rel).read_bytes()[:1000])
     r = run("reconstruct", "run", s, "--stages", "cameras,mesh", "--workers", "2", "--plain")
@@ -155,7 +155,7 @@ def test_photo_folder_without_manifest_is_decoded_first(half, tmp_path):
     photos = tmp_path / "photos"
     photos.mkdir()
     for i, c in enumerate(CAMERAS[:4]):
-        data = (half / "takes/stills-002" / c / "000000.jpg").read_bytes()
+        data = (half / "takes/stills-003" / c / "000000.jpg").read_bytes()
         (photos / f"{c}.jpg").write_bytes(data[:1000] if i >= 2 else data)  # OpenCV reads these as grey
     r = run("reconstruct", "sfm", photos, "--out", tmp_path / "out", "--plain")
     assert r.returncode == EXIT_INPUT, r.stdout + r.stderr

@@ -100,12 +100,13 @@ def test_demo_small_captures_a_whole_virtual_session(tmp_path, capsys):
     # at 128x96 the board's squares are 2 px: calibration, which the demo asks for, fails (exit 7)
     assert main(["demo", "--out", str(out), "--rig", str(rig), "--scale", "0.1", "--frames", "3", "--plain"]) == 7
     text = capsys.readouterr().out
-    for take in ("calib-001", "stills-002", "motion-003"):
+    for take in ("calib-001", "plates-002", "stills-003", "motion-004"):
         assert take in text
     manifest = json.loads((out / "session" / "session.json").read_text())
     takes = manifest["takes"]
-    assert [t["status"] for t in takes.values()] == ["complete"] * 3
-    assert sum(len(f) for f in takes["motion-003"]["captured"].values()) == 24 * 3
+    assert [t["kind"] for t in takes.values()] == ["calibration", "plates", "stills", "motion"]
+    assert [t["status"] for t in takes.values()] == ["complete"] * 4
+    assert sum(len(f) for f in takes["motion-004"]["captured"].values()) == 24 * 3
     assert (out / "session" / ".virtual" / "studio" / "render.json").exists()  # one render for all takes
     # then the reconstruction: calibration says why it failed, the stages that need cameras fail with it;
     # the masks are still made and scored
@@ -128,7 +129,7 @@ def test_demo_full_size(tmp_path):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--plain"]) == 0
     manifest = json.loads((out / "session" / "session.json").read_text())
-    assert [t["status"] for t in manifest["takes"].values()] == ["complete"] * 3
+    assert [t["status"] for t in manifest["takes"].values()] == ["complete"] * 4
     report = json.loads((out / "session" / "recon" / "report.json").read_text())
     assert all(s["status"] == "done" for s in report["stages"].values()), report["stages"]
     assert all(r["ok"] for r in report["accuracy"]), [r for r in report["accuracy"] if not r["ok"]]
@@ -172,7 +173,14 @@ def test_capture_cli_refuses_without_consent_then_shoots_reports_and_reshoots(tm
 
 @pytest.mark.parametrize("argv", [["consent", "--help"], ["consent", "add", "--help"], ["capture", "--help"],
                                   ["capture", "run", "--help"], ["capture", "resume", "--help"],
-                                  ["capture", "reshoot", "--help"], ["capture", "status", "--help"]])
+                                  ["capture", "reshoot", "--help"], ["capture", "status", "--help"],
+                                  ["capture", "plates", "--help"]])
 def test_capture_commands_have_help(argv, capsys):
     assert main(argv) == 0
     assert "Usage" in capsys.readouterr().out
+
+
+def test_capture_plates_help_says_to_clear_the_stage(capsys):
+    assert main(["capture", "plates", "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "empty studio" in out and "lighting step of the stills" in out and "Clear the stage first" in out
