@@ -24,15 +24,18 @@ def _chunk(kind: bytes, data: bytes) -> bytes:
 
 
 def encode_png(image: np.ndarray, level: int = 1) -> bytes:
-    """PNG bytes of a [H, W] uint8 or uint16 grayscale or a [H, W, 3] uint8 RGB image."""
+    """PNG bytes of a [H, W] uint8 or uint16 grayscale, a [H, W, 3] uint8 RGB or a [H, W, 4] uint8 RGBA image."""
     if image.dtype == np.uint8 and image.ndim == 2:
         depth, color, channels = 8, 0, 1
     elif image.dtype == np.uint16 and image.ndim == 2:
         depth, color, channels = 16, 0, 1
     elif image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3:
         depth, color, channels = 8, 2, 3
+    elif image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 4:
+        depth, color, channels = 8, 6, 4
     else:
-        raise ShapeError("image", tuple(image.shape), f"[H, W] uint8/uint16 or [H, W, 3] uint8 (got {image.dtype})")
+        raise ShapeError("image", tuple(image.shape),
+                         f"[H, W] uint8/uint16 or [H, W, 3|4] uint8 (got {image.dtype})")
     h, w = image.shape[:2]
     raw = np.ascontiguousarray(image.astype(image.dtype.newbyteorder(">"), copy=False))
     rows = raw.view(np.uint8).reshape(h, w * channels * depth // 8)

@@ -187,6 +187,7 @@ _MATERIAL_SPEC = {  # specular strength, Blinn-Phong exponent
 # For limbs omega = -pi/2 points to -y' (the person's front for hanging limbs).
 _LANDMARKS = {
     "birthmark": ("forearm_l", 0.35, -1.2),
+    "tattoo": ("forearm_r", 0.05 * math.pi, -math.pi / 2),  # the centre of the ring (see _skin)
     "nose_tip": ("head", -0.05, -math.pi / 2),
     "chin": ("head", -0.75, -math.pi / 2),
     "sternum": ("chest", 0.25, -math.pi / 2),

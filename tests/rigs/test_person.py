@@ -330,6 +330,17 @@ def test_birthmark_is_darker_than_the_forearm(person: Person, rest: PosedPerson)
     assert (mark < skin).all()
 
 
+def test_tattoo_landmark_is_inside_the_ink_on_the_right_forearm(person: Person, rest: PosedPerson) -> None:
+    assert rest.landmarks["tattoo"][0] < 0
+    v = _landmark_vertex(rest, "tattoo")
+    sl = _part_slice(person, "forearm_r")
+    assert sl.start <= v < sl.stop
+    near = np.flatnonzero(np.linalg.norm(rest.vertices[sl] - rest.landmarks["tattoo"], axis=1) < 0.04) + sl.start
+    ink = person.albedo(person.vertex_uv[near]).sum(axis=1)
+    skin = np.median(person.vertex_albedo[sl], axis=0).sum()
+    assert len(near) >= 10 and (ink < 0.4 * skin).mean() > 0.05, (len(near), np.sort(ink)[:5], skin)
+
+
 def test_to_open3d(rest: PosedPerson, posed_frames) -> None:
     for posed in (rest, posed_frames[-1]):
         m = posed.to_open3d()

@@ -10,7 +10,8 @@ from rigs.errors import ShapeError
 from rigs.pngio import encode_png
 
 
-@pytest.mark.parametrize("dtype,shape", [(np.uint8, (37, 53)), (np.uint16, (41, 29)), (np.uint8, (17, 23, 3))])
+@pytest.mark.parametrize("dtype,shape", [(np.uint8, (37, 53)), (np.uint16, (41, 29)), (np.uint8, (17, 23, 3)),
+                                         (np.uint8, (19, 21, 4))])
 def test_round_trip(dtype, shape):
     rng = np.random.default_rng(3)
     img = rng.integers(0, np.iinfo(dtype).max, size=shape, endpoint=True).astype(dtype)
@@ -18,7 +19,7 @@ def test_round_trip(dtype, shape):
     img[10] = np.iinfo(dtype).max
     back = cv2.imdecode(np.frombuffer(encode_png(img), np.uint8), cv2.IMREAD_UNCHANGED)
     if img.ndim == 3:
-        back = cv2.cvtColor(back, cv2.COLOR_BGR2RGB)
+        back = cv2.cvtColor(back, cv2.COLOR_BGR2RGB if img.shape[2] == 3 else cv2.COLOR_BGRA2RGBA)
     assert back.dtype == img.dtype and np.array_equal(back, img)
 
 
@@ -28,7 +29,7 @@ def test_smooth_depth_compresses():
     assert len(encode_png(depth)) < depth.nbytes / 4
 
 
-@pytest.mark.parametrize("bad", [np.zeros((4, 4), np.float32), np.zeros((4, 4, 4), np.uint8), np.zeros(5, np.uint8)])
+@pytest.mark.parametrize("bad", [np.zeros((4, 4), np.float32), np.zeros((4, 4, 2), np.uint8), np.zeros(5, np.uint8)])
 def test_rejects_unsupported_images(bad):
     with pytest.raises(ShapeError):
         encode_png(bad)
