@@ -15,11 +15,28 @@ The dataset is what nerfstudio's ``nerfstudio-data`` dataparser reads:
   its ``downscale_factor``), ``sparse_pc.ply`` seed points from the
   reconstructed mesh, so splats start on the subject's surface.
 
+By default (``unmix``, ``crop``) the images are not the photos themselves but
+the **unmixed subject**: at the subject's edges a photo's pixels mix the
+person with the green backdrop (and JPEG smears the green further in), and a
+twin trained on them learns green rims. Each still is unmixed against its
+clean plate (the empty studio from the same camera under the same lighting
+step, :func:`reconstruct.inputs.find_plate`; without one the backdrop is
+estimated around the subject) by :func:`reconstruct.matte.unmix`: a soft alpha
+and the foreground colour ``F = (I - (1 - a) B) / a`` with spill suppressed.
+The RGBA image (F, alpha) is undistorted to the camera's pinhole image (same
+K), cropped to the subject's box plus a margin (edges on the coarsest
+downscale's grid, the principal point moved by the crop's corner, no
+distortion left for nerfstudio to undo) and downscaled premultiplied (area
+averages of ``a F`` and ``a``). Training then spends its pixels on the person,
+and the held-out ground truth is unmixed the same way. Each frame records its
+``crop`` box, ``source_size``, ``plate`` and the green rim before and after
+(``rim_excess_photo``, ``rim_excess_unmixed``).
+
 Positions stay in the studio's frame (metres, z up): twin-splat's dataparser
 applies no re-orientation or scaling, so a trained splat is already where the
 mesh, the cameras and the motion trajectories are. Images are copied from the
 take (a copy-on-write clone where the file system offers one, never a hard
-link: the export shares no inode with the session), never rewritten.
+link: the export shares no inode with the session) when ``unmix`` is off.
 
 Every function here that reads or writes the subject's imagery first asks the
 shared consent gate for scope ``train`` (:func:`require_train_consent`).
@@ -46,6 +63,7 @@ DATASET_SCHEMA = "twinstudio.nerfstudio-dataset"
 DATASET_VERSION = 1
 DATASET_DIR = "dataset"  # <root>/train/dataset
 DOWNSCALES = (2, 4, 8)
+CROP_MIN_MARGIN_PX = 16
 
 
 class TrainError(TwinstudioError):
@@ -124,6 +142,9 @@ class ExportOptions:
     downscales: tuple[int, ...] = DOWNSCALES
     seed_points: int = 30_000               # points sampled from the reconstructed mesh
     seed: int = 0
+    unmix: bool = True                      # subject colours unmixed from the backdrop (clean plate or estimate)
+    crop: bool = True                       # each image cropped to the subject's box plus a margin
+    crop_margin: float = 0.08               # of the box's larger side, at least CROP_MIN_MARGIN_PX
 
     def __post_init__(self) -> None:
         if self.holdout_every < 2:
@@ -132,6 +153,10 @@ class ExportOptions:
             raise TrainError(f"downscales must be among 2, 4, 8, 16, not {self.downscales}")
         if self.seed_points < 0:
             raise TrainError(f"seed_points must be >= 0, not {self.seed_points}")
+        if not 0 <= self.crop_margin <= 1:
+            raise TrainError(f"crop_margin must be in [0, 1] (a fraction of the subject's box), not {self.crop_margin}")
+        if self.crop and not self.unmix:
+            raise TrainError("crop needs unmix (the crop is the unmixed subject's box)")
 
 
 @dataclass
@@ -244,35 +269,25 @@ def export_dataset(root: Path | str, out_dir: Path | str | None = None, options:
                 *(f"masks_{d}" for d in options.downscales)):
         (out / sub).mkdir(exist_ok=True)
 
-    import cv2
-
     frames_json = []
     train_names: list[str] = []
     test_names: list[str] = []
+    undist = _UndistortCache()
     for n, (tk, cam, frame, img, mask, preset, t) in enumerate(items):
         emit({"event": "progress", "stage": "export", "done": n, "total": len(items)})
         name = f"{cam}_{tk}_{frame:06d}"
         c = cameras[cam]
-        image_rel = f"images/{name}{img.suffix.lower()}"
-        mask_rel = f"masks/{name}.png"
-        copy_file(img, out / image_rel)
-        m = cv2.imread(str(mask), cv2.IMREAD_GRAYSCALE)
-        if m is None:
-            raise TrainError(f"{mask}: unreadable mask", path=str(mask), camera=cam)
-        if m.shape != (c.intrinsics.height, c.intrinsics.width):
-            raise TrainError(f"{mask}: mask is {m.shape[1]}x{m.shape[0]}, camera {cam} is "
-                             f"{c.intrinsics.width}x{c.intrinsics.height}", path=str(mask), camera=cam)
-        _write_png(out / mask_rel, np.where(m > 127, 255, 0).astype(np.uint8))
-        _write_downscaled(out, name, img.suffix.lower(), img, m, options.downscales)
-        rec = {"file_path": image_rel, "mask_path": mask_rel,
-               "transform_matrix": opencv_to_nerfstudio_c2w(c.pose).tolist(),
-               **nerfstudio_intrinsics(c),
-               "camera": cam, "take": tk, "frame": frame, "lighting": preset,
-               "lighting_index": presets.index(preset)}
+        if options.unmix:
+            rec = _export_unmixed(root, out, name, c, img, mask, tk, frame, options, undist)
+        else:
+            rec = _export_copied(out, name, c, img, mask, options)
+        rec.update({"transform_matrix": opencv_to_nerfstudio_c2w(c.pose).tolist(),
+                    "camera": cam, "take": tk, "frame": frame, "lighting": preset,
+                    "lighting_index": presets.index(preset)})
         if tk != take:
             rec["time"] = t
         frames_json.append(rec)
-        (test_names if cam in holdout else train_names).append(image_rel)
+        (test_names if cam in holdout else train_names).append(rec["file_path"])
 
     points = 0
     mesh = Path(mesh_path) if mesh_path is not None else root / "recon" / "mesh" / take / "mesh.ply"
@@ -289,12 +304,166 @@ def export_dataset(root: Path | str, out_dir: Path | str | None = None, options:
         "cameras_method": json.loads(cameras_path.read_text()).get("method"),
         "holdout": holdout, "presets": presets, "volume": _volume(root), "seed_points": points,
         "downscales": list(options.downscales), "skipped": skipped, "consent": consent,
+        "images": ("unmixed subject (RGBA: foreground colour, alpha), undistorted" if options.unmix
+                   else "the take's images, as captured"),
+        "cropped": bool(options.crop), "plates": sum(1 for f in frames_json if f.get("plate")),
     }
     atomic_write_json(out / "transforms.json", doc)
     emit({"event": "progress", "stage": "export", "done": len(items), "total": len(items)})
     trained = sorted({f["camera"] for f in frames_json} - set(holdout))
     return ExportResult(out, out / "transforms.json", len(frames_json), trained, holdout, presets, points, skipped,
                         round(time.perf_counter() - t0, 2))
+
+
+def _read_mask(mask: Path, c: Camera) -> np.ndarray:
+    """A mask as bool [H, W], checked against the camera's size."""
+    import cv2
+
+    m = cv2.imread(str(mask), cv2.IMREAD_GRAYSCALE)
+    if m is None:
+        raise TrainError(f"{mask}: unreadable mask", path=str(mask), camera=c.id)
+    if m.shape != (c.intrinsics.height, c.intrinsics.width):
+        raise TrainError(f"{mask}: mask is {m.shape[1]}x{m.shape[0]}, camera {c.id} is "
+                         f"{c.intrinsics.width}x{c.intrinsics.height}", path=str(mask), camera=c.id)
+    return m > 127
+
+
+def _read_rgb(path: Path, c: Camera | None = None, what: str = "image") -> np.ndarray:
+    import cv2
+
+    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise TrainError(f"{path}: unreadable {what}", path=str(path))
+    if c is not None and bgr.shape[:2] != (c.intrinsics.height, c.intrinsics.width):
+        raise TrainError(f"{path}: {what} is {bgr.shape[1]}x{bgr.shape[0]}, camera {c.id} is "
+                         f"{c.intrinsics.width}x{c.intrinsics.height}", path=str(path), camera=c.id)
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def _export_copied(out: Path, name: str, c: Camera, img: Path, mask: Path, options: ExportOptions) -> dict:
+    """The image as captured (copied), its binary mask and the downscales; the camera as calibrated."""
+    image_rel = f"images/{name}{img.suffix.lower()}"
+    mask_rel = f"masks/{name}.png"
+    copy_file(img, out / image_rel)
+    m = _read_mask(mask, c)
+    _write_png(out / mask_rel, m.astype(np.uint8) * 255)
+    _write_downscaled(out, name, img.suffix.lower(), img, m.astype(np.uint8) * 255, options.downscales)
+    return {"file_path": image_rel, "mask_path": mask_rel, **nerfstudio_intrinsics(c)}
+
+
+class _UndistortCache:
+    """Remap tables from a camera's pinhole image (same K, no distortion) to its captured image; the last
+    camera's kept (the export visits the images camera by camera)."""
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._maps: tuple[np.ndarray, np.ndarray] | None = None
+
+    def maps(self, c: Camera) -> tuple[np.ndarray, np.ndarray] | None:
+        """(map_x, map_y) float32 [H, W] for cv2.remap, or None when the lens has no distortion."""
+        i = c.intrinsics
+        if not np.any(i.dist_array):
+            return None
+        key = (i.width, i.height, i.fx, i.fy, i.cx, i.cy, tuple(i.dist))
+        if key != self._key:
+            from rigs.geometry import distort
+
+            ys, xs = np.mgrid[0:i.height, 0:i.width].astype(np.float64)
+            xy = np.stack([(xs.ravel() - i.cx) / i.fx, (ys.ravel() - i.cy) / i.fy], axis=1)
+            d = distort(xy, i.dist_array)
+            self._maps = ((d[:, 0] * i.fx + i.cx).reshape(i.height, i.width).astype(np.float32),
+                          (d[:, 1] * i.fy + i.cy).reshape(i.height, i.width).astype(np.float32))
+            self._key = key
+        return self._maps
+
+
+def crop_box(alpha: np.ndarray, margin: float, align: int) -> tuple[int, int, int, int] | None:
+    """(x0, y0, x1, y1): the box of ``alpha > 0`` grown by ``margin`` of its larger side (at least
+    CROP_MIN_MARGIN_PX), its edges moved outwards to multiples of ``align`` and kept in the image; None when
+    ``alpha`` is empty."""
+    h, w = alpha.shape
+    ys, xs = np.nonzero(alpha > 0)
+    if not len(xs):
+        return None
+    x0, x1, y0, y1 = int(xs.min()), int(xs.max()) + 1, int(ys.min()), int(ys.max()) + 1
+    m = max(CROP_MIN_MARGIN_PX, int(math.ceil(margin * max(x1 - x0, y1 - y0))))
+    x0, y0 = max(0, (x0 - m) // align * align), max(0, (y0 - m) // align * align)
+    x1 = min(w // align * align, -(-(x1 + m) // align) * align)
+    y1 = min(h // align * align, -(-(y1 + m) // align) * align)
+    return x0, y0, x1, y1
+
+
+def _export_unmixed(root: Path, out: Path, name: str, c: Camera, img: Path, mask: Path, take: str, frame: int,
+                    options: ExportOptions, undist: _UndistortCache) -> dict:
+    """The subject unmixed from the backdrop, undistorted to the camera's pinhole image and cropped.
+
+    Writes ``images/<name>.png`` (RGBA: the foreground colour F and its alpha), ``masks/<name>.png``
+    (alpha >= 0.5) and their downscales (area averages of alpha F and alpha); returns the frame's record
+    with the crop's pinhole intrinsics (``cx, cy`` moved by the crop's corner, no distortion).
+    """
+    import cv2
+
+    from reconstruct.inputs import find_plate
+    from reconstruct.matte import downscale_premultiplied, unmix
+    from train.colour import backdrop_excess
+    from train.likeness import rim_pixels
+
+    rgb = _read_rgb(img, c)
+    m = _read_mask(mask, c)
+    plate_path = find_plate(root, take, c.id, frame)
+    plate = _read_rgb(plate_path, c, "clean plate") if plate_path is not None else None
+    matte = unmix(rgb, m, plate, chroma_420=_is_jpeg_420(img))
+    fg, alpha = matte.fg, matte.alpha
+    rim = rim_pixels(alpha)
+    photo = rgb.astype(np.float32) / 255.0
+    before = float(backdrop_excess(photo)[rim].mean()) if rim.any() else None
+    after = float(backdrop_excess(fg)[rim].mean()) if rim.any() else None
+    maps = undist.maps(c)
+    if maps is not None:  # the pinhole image: nerfstudio then leaves it as it is
+        rgba = np.dstack([fg, alpha]).astype(np.float32)
+        rgba = cv2.remap(rgba, maps[0], maps[1], cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
+                         borderValue=0)
+        fg, alpha = rgba[..., :3], np.clip(rgba[..., 3], 0.0, 1.0)
+    align = max((*options.downscales, 1))
+    h, w = alpha.shape
+    box = crop_box(alpha, options.crop_margin, align) if options.crop else None
+    if box is None:
+        box = (0, 0, w // align * align, h // align * align)
+    x0, y0, x1, y1 = box
+    fg, alpha = np.ascontiguousarray(fg[y0:y1, x0:x1]), np.ascontiguousarray(alpha[y0:y1, x0:x1])
+    image_rel, mask_rel = f"images/{name}.png", f"masks/{name}.png"
+    _write_rgba(out / image_rel, fg, alpha)
+    _write_png(out / mask_rel, (alpha >= 0.5).astype(np.uint8) * 255)
+    for d in options.downscales:
+        f_d, a_d = downscale_premultiplied(fg, alpha, d)
+        _write_rgba(out / f"images_{d}" / f"{name}.png", f_d, a_d)
+        _write_png(out / f"masks_{d}" / f"{name}.png", (a_d >= 0.5).astype(np.uint8) * 255)
+    i = c.intrinsics
+    intr = {"fl_x": i.fx, "fl_y": i.fy, "cx": i.cx + 0.5 - x0, "cy": i.cy + 0.5 - y0, "w": x1 - x0, "h": y1 - y0,
+            "k1": 0.0, "k2": 0.0, "k3": 0.0, "k4": 0.0, "p1": 0.0, "p2": 0.0}
+    return {"file_path": image_rel, "mask_path": mask_rel, **intr, "crop": [x0, y0, x1, y1],
+            "source_size": [w, h], "undistorted": maps is not None,
+            "plate": plate_path.relative_to(root).as_posix() if plate_path is not None else None,
+            "rim_excess_photo": None if before is None else round(before, 5),
+            "rim_excess_unmixed": None if after is None else round(after, 5)}
+
+
+def _is_jpeg_420(path: Path) -> bool:
+    """Was the image stored as a JPEG with 4:2:0 chroma (colour at half resolution, edges smeared)?"""
+    if path.suffix.lower() not in (".jpg", ".jpeg"):
+        return False
+    from PIL import Image, JpegImagePlugin
+
+    try:
+        with Image.open(path) as im:
+            return im.format == "JPEG" and JpegImagePlugin.get_sampling(im) == 2
+    except (OSError, ValueError):
+        return False
+
+
+def _write_rgba(path: Path, fg: np.ndarray, alpha: np.ndarray) -> None:
+    rgba = np.dstack([fg, alpha])
+    _write_png(path, np.clip(np.round(rgba * 255.0), 0, 255).astype(np.uint8))
 
 
 def nerfstudio_intrinsics(camera: Camera) -> dict:

@@ -24,7 +24,8 @@ import numpy as np
 
 from rigs.fileio import atomic_write_bytes, atomic_write_json
 from rigs.pngio import encode_png
-from train.dataset import TrainError, finite_or_none, json_safe
+from train.dataset import TrainError, finite_or_none, json_safe, read_dataset
+from train.likeness import subject_figures
 
 
 def evaluate_pipeline(pipeline, run_dir: Path | str, *, side_by_side: int = 4,
@@ -36,7 +37,7 @@ def evaluate_pipeline(pipeline, run_dir: Path | str, *, side_by_side: int = 4,
     """
     import torch
 
-    from train.dataset import read_dataset, require_dataset_consent
+    from train.dataset import require_dataset_consent
 
     dm = pipeline.datamanager
     require_dataset_consent(read_dataset(dm.config.dataparser.data))
@@ -51,6 +52,8 @@ def evaluate_pipeline(pipeline, run_dir: Path | str, *, side_by_side: int = 4,
     model.eval()
     rows = []
     shown: set[str] = set()
+    marks_shown: set[str] = set()
+    truth = _LikenessTruth(read_dataset(dm.config.dataparser.data))
     try:
         for i in range(len(dataset)):
             emit({"event": "progress", "stage": "evaluate", "done": i, "total": len(dataset)})
@@ -63,6 +66,17 @@ def evaluate_pipeline(pipeline, run_dir: Path | str, *, side_by_side: int = 4,
             cam = names[i].split("_")[0]
             row = {"image": names[i], "camera": cam, "lighting": model.presets[lighting],
                    **{k: _figure(v) for k, v in metrics.items()}}
+            gt, pred = (images[k].detach().cpu().numpy().astype(np.float64) for k in ("gt", "rgb"))
+            if "alpha" in images:
+                alpha = images["alpha"].detach().cpu().numpy()
+                row.update({k: (_figure(v) if isinstance(v, float) else v)
+                            for k, v in subject_figures(gt, pred, alpha).items()})
+            save = out / "marks" / names[i] if cam not in marks_shown else None
+            marks = truth.marks(names[i], dataset.cameras[i], gt, pred, save)
+            if marks is not None:
+                row["marks"] = marks
+                if any(m.get("visible") for m in marks.values()):
+                    marks_shown.add(cam)
             rows.append(row)
             if len(shown) < side_by_side and cam not in shown:
                 shown.add(cam)
@@ -71,7 +85,8 @@ def evaluate_pipeline(pipeline, run_dir: Path | str, *, side_by_side: int = 4,
         model.train(was_training)
     emit({"event": "progress", "stage": "evaluate", "done": len(dataset), "total": len(dataset)})
     summary = {"images": len(rows), "cameras": sorted({r["camera"] for r in rows}),
-               **_means(rows), "per_lighting": {}, "per_camera": {}}
+               "resolution": _resolution(dm, dataset, truth.doc),
+               **_means(rows), "marks": _mark_summary(rows, truth.why_not), "per_lighting": {}, "per_camera": {}}
     by_l, by_c = defaultdict(list), defaultdict(list)
     for r in rows:
         by_l[r["lighting"]].append(r)
@@ -96,7 +111,7 @@ def _figure(v) -> float | None:
 def _why_undefined(summary: dict, rows: list[dict], model) -> dict[str, str]:
     """Why each of the summary's figures that is None is so (the files hold None, never NaN)."""
     why = {}
-    for key in ("psnr", "psnr_subject", "ssim", "lpips"):
+    for key in MEAN_KEYS:
         if summary.get(key) is not None:
             continue
         if not rows:
@@ -108,12 +123,94 @@ def _why_undefined(summary: dict, rows: list[dict], model) -> dict[str, str]:
     return why
 
 
+#: the figures averaged over images, in the order the report shows them (the subject's first)
+MEAN_KEYS = ("psnr_subject", "ssim_subject", "delta_e", "rim_excess_render", "rim_excess_gt", "psnr", "ssim",
+             "lpips")
+
+
 def _means(rows: list[dict]) -> dict:
     def mean(key: str) -> float | None:
         vals = [r[key] for r in rows if finite_or_none(r.get(key)) is not None]
         return round(float(np.mean(vals)), 4) if vals else None
 
-    return {"psnr": mean("psnr"), "psnr_subject": mean("psnr_subject"), "ssim": mean("ssim"), "lpips": mean("lpips")}
+    return {k: mean(k) for k in MEAN_KEYS}
+
+
+def _mark_summary(rows: list[dict], why_not: str | None) -> dict:
+    """Per likeness mark: the views it was seen in, mean and worst SSIM, mean PSNR, its side by sides."""
+    from train.likeness import MARKS
+
+    if why_not is not None:
+        return {"undefined": why_not}
+    out = {}
+    for mark in MARKS:
+        seen = [r["marks"][mark] for r in rows if r.get("marks", {}).get(mark, {}).get("visible")]
+        ssim = [m["ssim"] for m in seen if m.get("ssim") is not None]
+        psnr = [m["psnr"] for m in seen if m.get("psnr") is not None]
+        out[mark] = {"views": len(seen),
+                     "ssim": round(float(np.mean(ssim)), 4) if ssim else None,
+                     "ssim_min": round(float(np.min(ssim)), 4) if ssim else None,
+                     "psnr": round(float(np.mean(psnr)), 3) if psnr else None,
+                     "side_by_side": [m["side_by_side"] for m in seen if "side_by_side" in m]}
+        if not seen:
+            out[mark]["undefined"] = "not visible in any held-out image"
+    return out
+
+
+def _resolution(dm, dataset, doc: dict) -> dict:
+    """What the figures were measured on: the evaluated images' sizes and the cameras' full size."""
+    w = [int(x) for x in dataset.cameras.width.flatten().tolist()]
+    h = [int(x) for x in dataset.cameras.height.flatten().tolist()]
+    full = sorted({tuple(f["source_size"]) for f in doc["frames"] if "source_size" in f}
+                  or {(int(f["w"]), int(f["h"])) for f in doc["frames"]})
+    d = int(dm.config.dataparser.downscale_factor or 1)
+    crops = bool(doc["twinstudio"].get("cropped"))
+    return {"downscale": d, "cameras": [list(s) for s in full], "cropped": crops,
+            "median_image": [int(np.median(w)) if w else 0, int(np.median(h)) if h else 0],
+            "text": (f"1/{d} of the cameras' {'/'.join(f'{a}x{b}' for a, b in full)}"
+                     + (f", subject crops (median {int(np.median(w)) if w else 0}x{int(np.median(h)) if h else 0} px)"
+                        if crops else ""))}
+
+
+class _LikenessTruth:
+    """The virtual studio's ground truth for the likeness marks of a dataset's held-out images."""
+
+    def __init__(self, doc: dict) -> None:
+        from reconstruct.inputs import GroundTruth
+
+        self.doc = doc
+        self.frames = {Path(f["file_path"]).stem: f for f in doc["frames"]}
+        src = doc["twinstudio"].get("source")
+        self.gt = GroundTruth.find(src) if src and Path(src).is_dir() else None
+        self.why_not = None if self.gt is not None else ("no ground-truth landmarks: not a virtual-studio "
+                                                         "capture (or its ground truth is gone)")
+        self._landmarks: dict[tuple[str, int], dict] = {}
+        self._cameras = self.gt.cameras() if self.gt is not None else {}
+
+    def marks(self, name: str, camera, gt: np.ndarray, pred: np.ndarray, save: Path | None) -> dict | None:
+        """Each mark's figures in one held-out image, or None without ground truth."""
+        import cv2
+
+        from rigs.virtual.render import depth_from_png
+        from train.likeness import mark_views, score_marks
+        from train.method import _viewmat
+
+        f = self.frames.get(name)
+        if self.gt is None or f is None or f["camera"] not in self._cameras:
+            return None
+        key = (f["take"], int(f["frame"]))
+        if key not in self._landmarks:
+            entry = next((e for e in self.gt.frames(f["take"])["frames"] if e["index"] == key[1]), {})
+            self._landmarks[key] = entry.get("landmarks") or {}
+        depth_png = self.gt.take_dir(f["take"]) / f["camera"] / f"{int(f['frame']):06d}.depth.png"
+        raw = cv2.imread(str(depth_png), cv2.IMREAD_UNCHANGED) if depth_png.is_file() else None
+        if raw is None or not self._landmarks[key]:
+            return None
+        K = camera.get_intrinsics_matrices().reshape(3, 3).cpu().numpy().astype(np.float64)
+        viewmat = _viewmat(camera.camera_to_worlds.reshape(1, 3, 4).cpu())[0].numpy().astype(np.float64)
+        views = mark_views(self._landmarks[key], self._cameras[f["camera"]], depth_from_png(raw), K, viewmat,
+                           gt.shape[1], gt.shape[0])
+        return score_marks(gt, pred, views, save_prefix=save)
 
 
 def _write_side_by_side(path: Path, img, row: dict) -> str:

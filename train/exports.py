@@ -40,6 +40,12 @@ def splat_params(model, lighting: int | None = None) -> SplatParams:
         )
 
 
+#: turntable frames (width, height): a face must be recognisable, so at least 512 px tall on the CPU too
+TURNTABLE_SIZE_GPU = (720, 960)
+TURNTABLE_SIZE_CPU = (432, 576)
+TURNTABLE_FOV_DEG = 45.0
+
+
 def render_splat(params: SplatParams, viewmat: np.ndarray, K: np.ndarray, width: int, height: int, *,
                  device: str = "cpu", background=PREVIEW_BACKGROUND) -> np.ndarray:
     """Render a splat (as read from a PLY) from one camera; float RGB [H, W, 3] in [0, 1].
@@ -141,8 +147,11 @@ def export_run(model, run_dir: Path | str, dataset_doc: dict, *, frames: int = 3
     if not np.isfinite(radius) or radius <= 0:
         raise TrainError("turntable: cannot place the orbit (no camera positions in the dataset)")
     cuda = model.device.type == "cuda"
-    w, h = (720, 960) if cuda else (240, 320)
-    cams = turntable_cameras(focus, radius, 0.0, frames, width=w, height_px=h, fov_deg=45.0)
+    w, h = TURNTABLE_SIZE_GPU if cuda else TURNTABLE_SIZE_CPU
+    fov = TURNTABLE_FOV_DEG
+    if vol:  # the capture volume's height fills the frame, with a little room
+        fov = math.degrees(2.0 * math.atan(0.55 * vol["height"] / radius))
+    cams = turntable_cameras(focus, radius, 0.0, frames, width=w, height_px=h, fov_deg=fov)
 
     def render_fn(viewmat, K, width, height):
         return render_splat(back, viewmat, K, width, height, device="cuda" if cuda else "cpu")

@@ -332,9 +332,17 @@ class TwinSplatModel(SplatfactoModel):
         return m
 
     def masked_gt(self, batch: dict, background: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor | None]:
-        """The ground truth composited onto ``background`` with the subject mask as alpha, and the mask."""
-        gt = self.get_gt_img(batch["image"])[..., :3]
-        mask = self._mask(batch, gt.shape[:2])
+        """The ground truth composited onto ``background``, and the alpha it was composited with.
+
+        An RGBA image (the export's unmixed subject: foreground colour and soft alpha) brings its own
+        alpha; an RGB image is composited with the subject mask.
+        """
+        img = self.get_gt_img(batch["image"])
+        gt = img[..., :3]
+        if img.shape[-1] == 4:
+            mask = img[..., 3:4]
+        else:
+            mask = self._mask(batch, gt.shape[:2])
         if mask is not None:
             gt = gt * mask + background * (1 - mask)
         return gt, mask
@@ -374,7 +382,10 @@ class TwinSplatModel(SplatfactoModel):
             mse = ((gt - pred)[sel] ** 2).mean().clamp_min(1e-10)
             metrics["psnr_subject"] = float(-10 * torch.log10(mse))
         err = (gt - pred).abs().mean(dim=-1, keepdim=True).clamp(0, 1).expand_as(gt)
-        return metrics, {"img": torch.cat([gt, pred, err], dim=1)}
+        images = {"img": torch.cat([gt, pred, err], dim=1), "gt": gt, "rgb": pred}
+        if mask is not None:
+            images["alpha"] = mask[..., 0]
+        return metrics, images
 
 
 __all__ = ["OptionalLPIPS", "TwinDataParser", "TwinDataParserConfig", "TwinSplatModel", "TwinSplatModelConfig",

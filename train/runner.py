@@ -7,7 +7,7 @@
    read or written, through :func:`capture.consent.require_session_consent`;
 2. the nerfstudio dataset is exported when missing (:mod:`train.dataset`);
 3. nerfstudio's ``Trainer`` runs the ``twin-splat`` method on CUDA when there is
-   a GPU, else on the CPU with small-preview defaults (1/8 images, a few
+   a GPU, else on the CPU with preview defaults (the subject's crops at half size, a few
    hundred iterations, plain gradients for densification);
 4. every ``save_every`` steps a checkpoint lands in ``<root>/train/<run>/
    nerfstudio_models``; a later run with the same name resumes from the latest;
@@ -43,8 +43,10 @@ from train.dataset import (TrainError, default_dataset_dir, export_dataset, fini
 
 METRICS_SCHEMA = "twinstudio.train-metrics"
 METRICS_VERSION = 1
-#: CPU previews: small images, few iterations
-CPU_DEFAULTS = {"iterations": 800, "downscale": 8}
+#: CPU previews: the subject's crops at half the cameras' resolution, as many iterations as fit in 3 minutes
+#: on 2 cores (the first 40 % at a quarter of it)
+CPU_DEFAULTS = {"iterations": 560, "downscale": 2}
+CPU_COARSE_FRACTION = 0.4
 GPU_DEFAULTS = {"iterations": 30000, "downscale": 1}
 COLOUR_LR_SCALE_SHORT = 4.0
 
@@ -52,8 +54,8 @@ COLOUR_LR_SCALE_SHORT = 4.0
 @dataclass(frozen=True)
 class TrainOptions:
     device: str = "auto"             # auto | cuda | cpu
-    iterations: int | None = None    # total steps (default: 30000 on a GPU, 800 on the CPU)
-    downscale: int | None = None     # image downscale (default: 1 on a GPU, 8 on the CPU)
+    iterations: int | None = None    # total steps (default: 30000 on a GPU, 560 on the CPU)
+    downscale: int | None = None     # image downscale (default: 1 on a GPU, 2 on the CPU)
     run: str = "twin"                # run folder: <root>/train/<run>
     resume: bool = True              # continue from the run's latest checkpoint
     save_every: int | None = None    # checkpoint period (default: iterations / 5)
@@ -135,7 +137,7 @@ def build_config(dataset: Path, run_dir: Path, device: str, options: TrainOption
     m.lpips = options.lpips
     if device == "cpu":
         # a preview: full resolution of the (downscaled) images from the start, plain gradients
-        m.num_downscales = 0
+        m.num_downscales = 1 if downscale <= 2 else 0
         m.use_absgrad = False
         m.densify_grad_thresh = 0.0002
         m.sh_degree = 1 if options.sh_degree is None else options.sh_degree
@@ -149,6 +151,8 @@ def build_config(dataset: Path, run_dir: Path, device: str, options: TrainOption
     m.stop_screen_size_at = max(int(4000 * f), m.warmup_length)
     m.sh_degree_interval = max(int(1000 * f), 10)
     m.resolution_schedule = max(int(3000 * f), 10)
+    if device == "cpu":
+        m.resolution_schedule = max(int(CPU_COARSE_FRACTION * iterations), 10)
     if iterations < 3000:
         # a preview: no opacity resets (the run is too short to recover from one), so no pause after them
         m.reset_alpha_every = iterations // m.refine_every + 1
@@ -337,8 +341,7 @@ def run_training(root: Path | str, options: TrainOptions = TrainOptions(), *,
         "schema": METRICS_SCHEMA, "version": METRICS_VERSION, "method": "twin-splat", "run": options.run,
         "device": device, "device_name": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
         "iterations": iterations, "start_step": start, "steps_this_run": len(hist),
-        "downscale": downscale, "image_size": [int(trainer.pipeline.datamanager.train_dataset.cameras.width[0]),
-                                               int(trainer.pipeline.datamanager.train_dataset.cameras.height[0])],
+        "downscale": downscale, "image_size": _median_size(trainer.pipeline.datamanager.train_dataset.cameras),
         "setup_s": round(setup_s, 2), "train_s": round(train_s, 2),
         "iterations_per_s": ips,
         "loss_first": _mean([h["loss"] for h in hist[:1]], "loss_first", undefined),
@@ -371,6 +374,11 @@ def run_training(root: Path | str, options: TrainOptions = TrainOptions(), *,
     atomic_write_json(run_dir / "metrics.json", metrics)
     emit({"event": "stage", "stage": "done", "status": "ok", "metrics": str(run_dir / "metrics.json")})
     return TrainResult(run_dir, device, iterations, start, round(train_s, 2), metrics)
+
+
+def _median_size(cameras) -> list[int]:
+    """The training images' median (width, height): subject crops differ in size from image to image."""
+    return [int(cameras.width.flatten().float().median()), int(cameras.height.flatten().float().median())]
 
 
 def read_metrics(run_dir: Path | str) -> dict:

@@ -102,13 +102,20 @@ def print_train_summary(metrics: dict, run_dir: Path) -> None:
               f"train {metrics['train_s']:.0f} s", highlight=False)
     ev = metrics.get("eval")
     if ev:
-        t = Table(title=escape(f"Held-out cameras ({', '.join(ev['cameras'])}): {ev['images']} images"))
-        for col in ("lighting", "images", "PSNR dB", "PSNR subject dB", "SSIM", "LPIPS"):
+        print_likeness(ev, con)
+        t = Table(title=escape(f"Held-out cameras ({', '.join(ev['cameras'])}): {ev['images']} images"
+                               + (f", {ev['resolution']['text']}" if ev.get("resolution") else "")))
+        cols = ("lighting", "images", "subject PSNR dB", "subject SSIM", "colour ΔE00", "rim twin", "rim truth",
+                "PSNR dB", "SSIM", "LPIPS")
+        for col in cols:
             t.add_column(col, justify="left" if col == "lighting" else "right")
         for name, m in [*((escape(k), v) for k, v in ev["per_lighting"].items()), ("[bold]all[/]", ev)]:
-            t.add_row(name, str(m["images"]), _f(m["psnr"], 2), _f(m.get("psnr_subject"), 2), _f(m["ssim"], 3),
-                      _f(m["lpips"], 3))
+            t.add_row(name, str(m["images"]), _f(m.get("psnr_subject"), 2), _f(m.get("ssim_subject"), 3),
+                      _f(m.get("delta_e"), 2), _f(_dn(m.get("rim_excess_render")), 1),
+                      _f(_dn(m.get("rim_excess_gt")), 1), _f(m["psnr"], 2), _f(m["ssim"], 3), _f(m["lpips"], 3))
         con.print(t)
+        con.print("  rim: the backdrop colour's excess (G - max(R, B), 8-bit levels) on the subject's outer pixels; "
+                  "the twin's should match the unmixed truth's", highlight=False, markup=False)
         for what, why in (ev.get("undefined") or {}).items():
             con.print(f"  {what}: - ({why})", highlight=False, markup=False)
     ex = metrics.get("exports")
@@ -125,6 +132,31 @@ def print_train_summary(metrics: dict, run_dir: Path) -> None:
             con.print(f"  previews: {run_dir / tt['mp4']} and {tt['frames']} PNGs in {run_dir / tt['png_dir']} "
                       f"(labelled \"{tt['label']}\")", highlight=False, markup=False)
     con.print(f"  metrics: {run_dir / 'metrics.json'}", highlight=False, markup=False)
+
+
+def print_likeness(ev: dict, con=None) -> None:
+    """The figures that say whether the twin looks like the person: the subject and its likeness marks."""
+    con = con or _console()
+    res = (ev.get("resolution") or {}).get("text", "")
+    con.print(f"[bold]Likeness[/] on held-out cameras ({escape(res)}): subject PSNR "
+              f"{_f(ev.get('psnr_subject'), 2)} dB, SSIM {_f(ev.get('ssim_subject'), 3)}, colour ΔE00 "
+              f"{_f(ev.get('delta_e'), 2)}, green rim {_f(_dn(ev.get('rim_excess_render')), 1)} "
+              f"(truth {_f(_dn(ev.get('rim_excess_gt')), 1)})", highlight=False)
+    marks = ev.get("marks") or {}
+    if "undefined" in marks:
+        con.print(f"  likeness marks: - ({marks['undefined']})", highlight=False, markup=False)
+        return
+    for mark, m in marks.items():
+        if not m.get("views"):
+            con.print(f"  {mark}: - ({m.get('undefined', 'not seen')})", highlight=False, markup=False)
+            continue
+        con.print(f"  {mark}: SSIM {_f(m.get('ssim'), 3)} (worst {_f(m.get('ssim_min'), 3)}), PSNR "
+                  f"{_f(m.get('psnr'), 2)} dB over {m['views']} held-out view(s)", highlight=False, markup=False)
+
+
+def _dn(v):
+    """A [0, 1] figure in 8-bit levels."""
+    return None if v is None else 255.0 * v
 
 
 def _f(v, nd: int) -> str:
@@ -164,7 +196,7 @@ def export_cmd(
 def run_cmd(
     root: RootArg,
     device: Annotated[str, typer.Option(help="auto (CUDA when present), cuda or cpu.")] = "auto",
-    iterations: Annotated[Optional[int], typer.Option(help="Total iterations (default: 30000 GPU, 800 CPU).")]
+    iterations: Annotated[Optional[int], typer.Option(help="Total iterations (default: 30000 GPU, 560 CPU).")]
     = None,
     downscale: Annotated[Optional[int], typer.Option(help="Image downscale 1/2/4/8 (default: 1 GPU, 8 CPU).")]
     = None,
