@@ -2,9 +2,11 @@
 
     python3 benchmarks/train_gpu_eval.py RUNS/ring24 RESULTS
 
-Both methods are scored the same way, whatever their own metrics do: the ground
-truth is composited with the subject mask onto the render's background
-(``psnr``), and the subject's pixels are scored alone (``psnr_subject``).
+Both methods are scored the same way, whatever their own metrics do, and as
+train.evaluate scores the CPU preview: the ground truth (the export's unmixed
+subject) is composited with its alpha onto the render's background (``psnr``),
+and the subject is scored alone (``psnr_subject``, ``ssim_subject``, colour
+cast ``delta_e``, green rim) through train.likeness.
 Prints per method and checkpoint the mean figures, then the minutes to reach
 30 dB (training wall time from RESULTS/summary.txt, pro rata to the step).
 Runs on the GPU machine with only nerfstudio's dependencies (no twinstudio set-up).
@@ -28,23 +30,31 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def score(pipeline) -> dict:
+    """Mean held-out figures, as train.evaluate scores them: the ground truth composited with its alpha
+    (the unmixed subject's, or the mask) onto the render's background; the subject's figures from
+    train.likeness (PSNR, SSIM, CIEDE2000, green rim)."""
+    from train.likeness import subject_figures
+
     dm, model = pipeline.datamanager, pipeline.model
-    psnr, subj = [], []
+    rows = []
     for i in range(len(dm.eval_dataset)):
         cam = dm.eval_dataset.cameras[i: i + 1].to(model.device)
         data = dm.cached_eval[i]
         with torch.no_grad():
             out = model.get_outputs_for_camera(cam)
         pred = out["rgb"]
-        gt = data["image"].to(model.device)
-        gt = (gt.float() / 255.0 if gt.dtype == torch.uint8 else gt)[..., :3]
-        mask = data["mask"].to(model.device).float()
+        img = data["image"].to(model.device)
+        img = img.float() / 255.0 if img.dtype == torch.uint8 else img
+        gt = img[..., :3]
+        mask = img[..., 3:4] if img.shape[-1] == 4 else data["mask"].to(model.device).float()
         bg = out["background"]
         gt_c = gt * mask + bg * (1 - mask)
-        psnr.append(float(-10 * torch.log10(((gt_c - pred) ** 2).mean())))
-        sel = mask[..., 0] > 0.5
-        subj.append(float(-10 * torch.log10(((gt - pred)[sel] ** 2).mean())))
-    return {"psnr": sum(psnr) / len(psnr), "psnr_subject": sum(subj) / len(subj), "images": len(psnr)}
+        fig = subject_figures(gt_c.cpu().numpy(), pred.cpu().numpy(), mask[..., 0].cpu().numpy())
+        fig["psnr"] = float(-10 * torch.log10(((gt_c - pred) ** 2).mean()))
+        rows.append(fig)
+    keys = ("psnr", "psnr_subject", "ssim_subject", "delta_e", "rim_excess_render")
+    return {**{k: sum(r[k] for r in rows if r[k] is not None) / max(sum(r[k] is not None for r in rows), 1)
+               for k in keys}, "images": len(rows)}
 
 
 def load(cfg_path: Path, step: int):
@@ -81,7 +91,8 @@ def main(argv: list[str]) -> int:
             s["gaussians"] = int(pipeline.model.num_points)
             rows.append(s)
             print(f"{method} step {step} heldout_psnr_db {s['psnr']:.2f} heldout_psnr_subject_db "
-                  f"{s['psnr_subject']:.2f} gaussians {s['gaussians']}", flush=True)
+                  f"{s['psnr_subject']:.2f} ssim_subject {s['ssim_subject']:.4f} delta_e {s['delta_e']:.2f} "
+                  f"gaussians {s['gaussians']}", flush=True)
             del pipeline
             torch.cuda.empty_cache()
         wall, iters = walls.get(method, (math.nan, 1))
