@@ -630,10 +630,11 @@ def _disk(radius: int) -> np.ndarray:
     return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
 
 
-def _check_image(name: str, image: np.ndarray) -> np.ndarray:
+def _check_image(name: str, image: np.ndarray, order: str = "BGR") -> np.ndarray:
+    """An 8-bit 3-channel image as a contiguous array (ShapeError naming it otherwise); ``order`` is for the message."""
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8 or min(image.shape[:2]) < 1:
-        raise ShapeError(name, tuple(image.shape), f"[H, W, 3] uint8 BGR (got {image.dtype})")
+        raise ShapeError(name, tuple(image.shape), f"[H, W, 3] uint8{' ' + order if order else ''} (got {image.dtype})")
     return np.ascontiguousarray(image)
 
 

@@ -126,6 +126,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from reconstruct.masks import _check_image as check_image
+from reconstruct.masks import _disk
 from rigs.errors import ShapeError, TwinstudioError
 
 #: Gaussian width (px) of the local subject colour average F̂
@@ -576,15 +578,8 @@ def _dot(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.einsum("...k,...k->...", x, y)
 
 
-def _disk(radius: int) -> np.ndarray:
-    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
-
-
 def _check_image(name: str, image: np.ndarray) -> np.ndarray:
-    image = np.asarray(image)
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8 or min(image.shape[:2]) < 1:
-        raise ShapeError(name, tuple(image.shape), f"[H, W, 3] uint8 (got {image.dtype})")
-    return np.ascontiguousarray(image)
+    return check_image(name, image, order="")  # channels as given
 
 
 def _check_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
