@@ -91,8 +91,8 @@ def main(argv: list[str]) -> int:
         if mark == "undefined":
             print(f"marks - ({mk})")
         elif mk.get("views"):
-            print(f"mark_ssim[{mark}] {mk['ssim']:.4f} (worst {mk['ssim_min']:.4f}, {mk['views']} views; target >= 0.80)"
-                  f" psnr {mk['psnr']:.2f}")
+            print(f"mark_ssim[{mark}] {mk['ssim']:.4f} (worst {mk['ssim_min']:.4f}, {mk['views']} views; "
+                  f"target >= 0.80) psnr {mk['psnr']:.2f}")
         else:
             print(f"mark_ssim[{mark}] - ({mk.get('undefined')})")
     for name, p in ev["per_lighting"].items():

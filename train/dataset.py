@@ -20,7 +20,7 @@ the **unmixed subject**: at the subject's edges a photo's pixels mix the
 person with the green backdrop (and JPEG smears the green further in), and a
 twin trained on them learns green rims. Each still is unmixed against its
 clean plate (the empty studio from the same camera under the same lighting
-step, :func:`reconstruct.inputs.find_plate`; without one the backdrop is
+step, :func:`reconstruct.inputs.plates_for`; without one the backdrop is
 estimated around the subject) by :func:`reconstruct.matte.unmix`: a soft alpha
 and the foreground colour ``F = (I - (1 - a) B) / a`` with spill suppressed.
 The RGBA image (F, alpha) is undistorted to the camera's pinhole image (same
@@ -273,12 +273,17 @@ def export_dataset(root: Path | str, out_dir: Path | str | None = None, options:
     train_names: list[str] = []
     test_names: list[str] = []
     undist = _UndistortCache()
+    plates = {}
+    if options.unmix:
+        from reconstruct.inputs import plates_for
+
+        plates = {tk: plates_for(root, tk) for tk in takes}  # one manifest read per take
     for n, (tk, cam, frame, img, mask, preset, t) in enumerate(items):
         emit({"event": "progress", "stage": "export", "done": n, "total": len(items)})
         name = f"{cam}_{tk}_{frame:06d}"
         c = cameras[cam]
         if options.unmix:
-            rec = _export_unmixed(root, out, name, c, img, mask, tk, frame, options, undist)
+            rec = _export_unmixed(root, out, name, c, img, mask, plates[tk].get(cam, {}).get(frame), options, undist)
         else:
             rec = _export_copied(out, name, c, img, mask, options)
         rec.update({"transform_matrix": opencv_to_nerfstudio_c2w(c.pose).tolist(),
@@ -393,9 +398,10 @@ def crop_box(alpha: np.ndarray, margin: float, align: int) -> tuple[int, int, in
     return x0, y0, x1, y1
 
 
-def _export_unmixed(root: Path, out: Path, name: str, c: Camera, img: Path, mask: Path, take: str, frame: int,
+def _export_unmixed(root: Path, out: Path, name: str, c: Camera, img: Path, mask: Path, plate_path: Path | None,
                     options: ExportOptions, undist: _UndistortCache) -> dict:
-    """The subject unmixed from the backdrop, undistorted to the camera's pinhole image and cropped.
+    """The subject unmixed from the backdrop (``plate_path``: its clean plate, or None to estimate the
+    backdrop), undistorted to the camera's pinhole image and cropped.
 
     Writes ``images/<name>.png`` (RGBA: the foreground colour F and its alpha), ``masks/<name>.png``
     (alpha >= 0.5) and their downscales (area averages of alpha F and alpha); returns the frame's record
@@ -403,14 +409,12 @@ def _export_unmixed(root: Path, out: Path, name: str, c: Camera, img: Path, mask
     """
     import cv2
 
-    from reconstruct.inputs import find_plate
     from reconstruct.matte import downscale_premultiplied, unmix
     from train.colour import backdrop_excess
     from train.likeness import rim_pixels
 
     rgb = _read_rgb(img, c)
     m = _read_mask(mask, c)
-    plate_path = find_plate(root, take, c.id, frame)
     plate = _read_rgb(plate_path, c, "clean plate") if plate_path is not None else None
     matte = unmix(rgb, m, plate, chroma_420=_is_jpeg_420(img))
     fg, alpha = matte.fg, matte.alpha

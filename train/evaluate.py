@@ -40,7 +40,8 @@ def evaluate_pipeline(pipeline, run_dir: Path | str, *, side_by_side: int = 4,
     from train.dataset import require_dataset_consent
 
     dm = pipeline.datamanager
-    require_dataset_consent(read_dataset(dm.config.dataparser.data))
+    doc = read_dataset(dm.config.dataparser.data)
+    require_dataset_consent(doc)
     emit = on_event or (lambda ev: None)
     out = Path(run_dir) / "eval"
     out.mkdir(parents=True, exist_ok=True)
@@ -53,7 +54,7 @@ def evaluate_pipeline(pipeline, run_dir: Path | str, *, side_by_side: int = 4,
     rows = []
     shown: set[str] = set()
     marks_shown: set[str] = set()
-    truth = _LikenessTruth(read_dataset(dm.config.dataparser.data))
+    truth = _LikenessTruth(doc)
     try:
         for i in range(len(dataset)):
             emit({"event": "progress", "stage": "evaluate", "done": i, "total": len(dataset)})
