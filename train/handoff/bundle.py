@@ -232,11 +232,12 @@ def _json_or_none(p: Path):
 
 
 def _cameras(session: Path, ds: dict, ds_dir: Path, dst: Path) -> None:
-    """transforms.json with the full-size stills and masks it names, cameras.json and the COLMAP model."""
+    """transforms.json with the stills and masks it names (by default the unmixed subject: RGBA crops of the
+    undistorted stills, each frame's crop box and source size recorded), cameras.json and the COLMAP model."""
     doc = {k: v for k, v in ds.items() if k != "twinstudio"}
     meta = ds["twinstudio"]
-    doc["twinstudio"] = {k: meta[k] for k in ("schema", "version", "take", "holdout", "presets", "volume")
-                         if k in meta} | {"downscales": []}
+    doc["twinstudio"] = {k: meta[k] for k in ("schema", "version", "take", "holdout", "presets", "volume",
+                                              "images", "cropped") if k in meta} | {"downscales": []}
     doc["frames"] = [f for f in ds["frames"] if "time" not in f]  # the stills (motion frames carry a time)
     names = {f["file_path"] for f in doc["frames"]}
     for key in ("train_filenames", "val_filenames", "test_filenames"):
