@@ -4,6 +4,8 @@ model, gsplat's DefaultStrategy, a small fit, and (with a GPU) gsplat's CUDA ras
 from __future__ import annotations
 
 import math
+import os
+import shutil
 
 import pytest
 
@@ -13,6 +15,7 @@ pytest.importorskip("gsplat")
 from gsplat.cuda._torch_impl import _fully_fused_projection, _quat_scale_to_covar_preci  # noqa: E402
 from gsplat.strategy import DefaultStrategy  # noqa: E402
 
+from train import raster_c  # noqa: E402
 from train.raster import rasterize  # noqa: E402
 
 SH_C0 = 0.28209479177387814
@@ -146,8 +149,19 @@ def _reference_scene(sh_coeffs: int | None = None):
     return means, quats, scales, opacities, colors, viewmats, Ks
 
 
+BACKENDS = ["c", "torch"]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    """Both compositing paths: the compiled one (skipped where no C compiler) and torch ops."""
+    if request.param == "c" and not raster_c.available():
+        pytest.skip(f"no compiled compositing: {raster_c.why_not()}")
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_matches_per_pixel_reference_rgb(dtype):
+def test_matches_per_pixel_reference_rgb(dtype, backend):
     means, quats, scales, opacities, colors, viewmats, Ks = _reference_scene()
     backgrounds = torch.tensor([[0.2, 0.5, 0.9], [1.0, 0.0, 0.3]], dtype=torch.float64)
     ref, ref_alpha, n_stopped = _reference(
@@ -156,7 +170,8 @@ def test_matches_per_pixel_reference_rgb(dtype):
     assert n_stopped > 0, "the scene exercises the transmittance cutoff"
 
     args = [t.to(dtype) for t in (means, quats, scales, opacities, colors, viewmats, Ks)]
-    render, alpha, info = rasterize(*args, 12, 10, render_mode="RGB+ED", backgrounds=backgrounds.to(dtype))
+    render, alpha, info = rasterize(*args, 12, 10, render_mode="RGB+ED", backgrounds=backgrounds.to(dtype),
+                                    backend=backend)
 
     tol = 1e-9 if dtype == torch.float64 else 2e-5
     assert render.shape == (2, 10, 12, 4) and alpha.shape == (2, 10, 12, 1)
@@ -164,7 +179,7 @@ def test_matches_per_pixel_reference_rgb(dtype):
     torch.testing.assert_close(render[..., :3].double(), ref[..., :3], atol=tol, rtol=0)
     expected_depth = ref[..., 3] / ref_alpha.clamp(min=1e-10)
     torch.testing.assert_close(render[..., 3].double(), expected_depth, atol=tol * 100, rtol=tol)
-    depth, _, _ = rasterize(*args, 12, 10, render_mode="D", backgrounds=backgrounds.to(dtype))
+    depth, _, _ = rasterize(*args, 12, 10, render_mode="D", backgrounds=backgrounds.to(dtype), backend=backend)
     torch.testing.assert_close(depth[..., 0].double(), ref[..., 3], atol=tol * 10, rtol=0)
 
     radii = info["radii"]
@@ -175,7 +190,7 @@ def test_matches_per_pixel_reference_rgb(dtype):
     assert alpha.max() < 1 - 1e-4
 
 
-def test_matches_dense_reference_on_a_crowded_scene():
+def test_matches_dense_reference_on_a_crowded_scene(backend):
     """2000 Gaussians over 64x48, most pixels reaching the T cutoff, against a dense
     [pixels, Gaussians] evaluation of the same rules (one camera, RGB)."""
     width, height, f = 64, 48, 60.0
@@ -203,7 +218,8 @@ def test_matches_dense_reference_on_a_crowded_scene():
     weights = torch.where(t_after > 1e-4, alpha * t_after / (1 - alpha), 0.0)
     assert ((weights > 0) != (alpha > 0)).any(1).float().mean() > 0.5, "most pixels reach the cutoff"
 
-    render, alpha_img, _ = rasterize(means, quats, scales, opacities, colors, viewmats, Ks, width, height)
+    render, alpha_img, _ = rasterize(means, quats, scales, opacities, colors, viewmats, Ks, width, height,
+                                     backend=backend)
     torch.testing.assert_close(render[0].reshape(-1, 3), weights @ colors[order], atol=1e-9, rtol=0)
     torch.testing.assert_close(alpha_img[0].reshape(-1), weights.sum(1), atol=1e-9, rtol=0)
 
@@ -232,7 +248,7 @@ def test_matches_per_pixel_reference_sh_degree_1(sh_coeffs):
     torch.testing.assert_close(render, ref[..., :3], atol=1e-9, rtol=0)
 
 
-def test_gradients_match_finite_differences():
+def test_gradients_match_finite_differences(backend):
     """float64 gradcheck on a tiny scene of wide Gaussians. The alpha and T cutoffs are
     discontinuous; with these values no pixel lies within a finite-difference step of one."""
     gen = torch.Generator().manual_seed(3)
@@ -245,7 +261,7 @@ def test_gradients_match_finite_differences():
     Ks = _intrinsics(8.0, 8.0, 4.0, 3.0)[None]
 
     def render(means, quats, scales, opacities, colors):
-        image, alpha, _ = rasterize(means, quats, scales, opacities, colors, viewmats, Ks, 8, 6)
+        image, alpha, _ = rasterize(means, quats, scales, opacities, colors, viewmats, Ks, 8, 6, backend=backend)
         return image, alpha
 
     inputs = tuple(t.clone().requires_grad_() for t in (means, quats, scales, opacities, colors))
@@ -290,7 +306,8 @@ def _random_gaussians(n: int, seed: int, width: int = 64, height: int = 48, f: f
     }
 
 
-def _render_params(params, width: int = 64, height: int = 48, f: float = 60.0, max_pairs: int = 50_000_000):
+def _render_params(params, width: int = 64, height: int = 48, f: float = 60.0, max_pairs: int = 50_000_000,
+                   **options):
     colors = torch.cat([params["sh0"], params["shN"]], dim=1)
     scales, opacities = torch.exp(params["scales"]), torch.sigmoid(params["opacities"])
     Ks = _intrinsics(f, f, width / 2, height / 2, torch.float32)[None]
@@ -306,6 +323,7 @@ def _render_params(params, width: int = 64, height: int = 48, f: float = 60.0, m
         height,
         sh_degree=1,
         max_pairs=max_pairs,
+        **options,
     )
 
 
@@ -358,10 +376,67 @@ def test_small_fit_reduces_the_loss():
     assert losses[-1] < 0.5 * losses[0], losses[::10]
 
 
-def test_too_many_pairs_raise_a_clear_error():
+def test_too_many_pairs_raise_a_clear_error(backend):
     params = _random_gaussians(50, seed=4)
     with pytest.raises(ValueError, match=r"pairs .* at 64x48 exceed max_pairs=100"):
-        _render_params(params, max_pairs=100)
+        _render_params(params, max_pairs=100, backend=backend)
+
+
+def _training_like_scene(n: int = 3000, seed: int = 5):
+    """float32 Gaussians over 70x50 (not a multiple of the tile), SH degree 1, most pixels at the cutoff."""
+    params = _random_gaussians(n, seed=seed, width=70, height=50)
+    params["scales"] = params["scales"] + 0.7
+    params["opacities"] = params["opacities"] + 1.5
+    params["shN"] = torch.randn(n, 3, 3, generator=torch.Generator().manual_seed(seed)) * 0.2
+    return {k: v.clone().requires_grad_() for k, v in params.items()}
+
+
+def _render_and_grads(params, backend, threads):
+    torch.set_num_threads(threads)
+    for p in params.values():
+        p.grad = None
+    render, alpha, info = _render_params(params, width=70, height=50, backend=backend, render_mode="RGB+ED")
+    info["means2d"].retain_grad()
+    weights = torch.linspace(0.5, 1.5, render.numel()).reshape(render.shape)
+    ((render * weights).sum() + 2.0 * alpha.sum()).backward()
+    grads = {k: p.grad.clone() for k, p in params.items()}
+    return render.detach(), alpha.detach(), grads, info["means2d"].grad.clone()
+
+
+def test_compiled_and_torch_compositing_agree_with_their_gradients():
+    """The training path (float32, SH, depth channel, a weighted loss on colour and alpha):
+    the compiled compositing renders and differentiates as the torch ops do, and its result
+    does not depend on the number of threads (its gradients are summed in a fixed order)."""
+    if not raster_c.available():
+        pytest.skip(f"no compiled compositing: {raster_c.why_not()}")
+    params = _training_like_scene()
+    render_t, alpha_t, grads_t, g2d_t = _render_and_grads(params, "torch", 1)
+    render_c, alpha_c, grads_c, g2d_c = _render_and_grads(params, "c", 1)
+    assert (alpha_t > 0.99).float().mean() > 0.3, "a crowded scene"
+    torch.testing.assert_close(render_c, render_t, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(alpha_c, alpha_t, atol=2e-5, rtol=0)
+    for name in grads_t:
+        scale = grads_t[name].abs().max()
+        torch.testing.assert_close(grads_c[name], grads_t[name], atol=1e-4 * scale, rtol=1e-3, msg=name)
+    torch.testing.assert_close(g2d_c, g2d_t, atol=1e-4 * g2d_t.abs().max(), rtol=1e-3)
+    _, _, grads_2, g2d_2 = _render_and_grads(params, "c", 2)
+    for name in grads_c:
+        assert torch.equal(grads_2[name], grads_c[name]), f"{name}: two threads changed the gradient"
+    assert torch.equal(g2d_2, g2d_c)
+
+
+def test_compiled_compositing_is_built_once_and_a_broken_compiler_is_named(tmp_path, monkeypatch):
+    monkeypatch.setenv("TWINSTUDIO_CACHE", str(tmp_path))
+    if shutil.which(os.environ.get("CC", "cc")) is None:
+        pytest.skip("no C compiler")
+    lib = raster_c._build()
+    assert lib.parent == tmp_path and lib.is_file()
+    stamp = lib.stat().st_mtime_ns
+    assert raster_c._build() == lib and lib.stat().st_mtime_ns == stamp, "a second use does not rebuild"
+    monkeypatch.setenv("CC", "false")
+    with pytest.raises(OSError, match=r"false failed on _raster_cpu.c"):
+        raster_c._build()
+    assert [p.name for p in tmp_path.iterdir()] == [lib.name], "no half-built library left behind"
 
 
 @pytest.mark.gpu
