@@ -19,6 +19,7 @@ re-renders the model.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import tempfile
@@ -66,7 +67,17 @@ def main(argv: list[str]) -> int:
     ap.add_argument("root", nargs="?", type=Path)
     ap.add_argument("--iterations", type=int, default=None, help="default: the CPU preview's (train.runner)")
     ap.add_argument("--downscale", type=int, default=None, help="default: the CPU preview's (train.runner)")
+    ap.add_argument("--sh-degree", type=int, default=None, help="default: the CPU preview's (train.runner)")
+    ap.add_argument("--run", default="bench-cpu", help="run folder under ROOT/train (default: bench-cpu)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a twin-splat model setting (repeatable), e.g. --set densify_grad_thresh=0.0001")
     args = ap.parse_args(argv[1:])
+    overrides = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            ap.error(f"--set {item!r}: expected KEY=VALUE")
+        overrides[key] = json.loads(value) if value not in ("", "None") else None
     from train.dataset import export_dataset
     from train.runner import TrainOptions, run_training
 
@@ -77,7 +88,8 @@ def main(argv: list[str]) -> int:
     print(f"frames {ex.frames} (held out: {', '.join(ex.holdout_cameras)})")
     t = time.perf_counter()
     r = run_training(root, TrainOptions(device="cpu", iterations=args.iterations, downscale=args.downscale,
-                                        run="bench-cpu", resume=False))
+                                        sh_degree=args.sh_degree, run=args.run, resume=False,
+                                        model_overrides=overrides))
     total = time.perf_counter() - t
     m = r.metrics
     ev = m["eval"]

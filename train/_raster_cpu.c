@@ -7,10 +7,11 @@
  * Gaussian that would take its transmittance to 1e-4 or below.
  *
  * Gaussians are binned into square tiles (a list per tile, front to back); threads take
- * tiles. The backward pass replays each pixel front to back, then walks its drawn
- * Gaussians back to front; gradients go to one slot per (tile, Gaussian) entry and are
- * summed per Gaussian afterwards in a fixed order, so results do not depend on the
- * number of threads. Everything is computed in double.
+ * tiles, and each tile visits its Gaussians in order, each only over the pixels its range
+ * covers. The backward pass walks the list back to front, recovering each pixel's
+ * transmittance from what the forward pass left (as gsplat's kernel does); gradients go to
+ * one slot per (tile, Gaussian) entry and are summed per Gaussian afterwards in a fixed
+ * order, so results do not depend on the number of threads. Everything is in double.
  *
  * Built by train/raster_c.py with the system's C compiler; no Python headers needed.
  */
@@ -25,14 +26,6 @@
 #define ALPHA_MIN (1.0 / 255.0)
 #define ALPHA_MAX 0.999
 #define T_MIN 1e-4
-
-/* Per-Gaussian parameters, gathered per tile so that its pixels read them contiguously. */
-typedef struct {
-    double mx, my, a, b, c, op;
-    int32_t x0, x1, y0, y1;
-    int64_t slot;  /* index of this (tile, Gaussian) entry */
-    int32_t id;    /* Gaussian */
-} entry_t;
 
 /* Per-tile counts of the Gaussians whose pixel range touches the tile; returns the total. */
 int64_t ts_count(int32_t n, const int32_t *x0, const int32_t *x1, const int32_t *y0, const int32_t *y1,
@@ -66,159 +59,158 @@ void ts_fill(int32_t n, const int64_t *order, const int32_t *x0, const int32_t *
     }
 }
 
-static void gather(int64_t begin, int64_t end, const int32_t *ids, const double *mx, const double *my,
-                   const double *a, const double *b, const double *c, const double *op, const int32_t *x0,
-                   const int32_t *x1, const int32_t *y0, const int32_t *y1, entry_t *out) {
-    for (int64_t s = begin; s < end; s++) {
-        int32_t g = ids[s];
-        entry_t *e = &out[s - begin];
-        e->mx = mx[g]; e->my = my[g]; e->a = a[g]; e->b = b[g]; e->c = c[g]; e->op = op[g];
-        e->x0 = x0[g]; e->x1 = x1[g]; e->y0 = y0[g]; e->y1 = y1[g];
-        e->slot = s; e->id = g;
-    }
+/* The pixels of tile t that Gaussian g's range covers: [*c0, *c1) x [*r0, *r1). */
+static inline void cover(int64_t t, int32_t tiles_x, int32_t tile, int32_t W, int32_t H, int32_t x0, int32_t x1,
+                         int32_t y0, int32_t y1, int32_t *c0, int32_t *c1, int32_t *r0, int32_t *r1) {
+    int32_t tx = (int32_t)(t % tiles_x) * tile, ty = (int32_t)(t / tiles_x) * tile;
+    *c0 = x0 > tx ? x0 : tx;
+    *c1 = x1 < tx + tile ? x1 : tx + tile;
+    if (*c1 > W) *c1 = W;
+    *r0 = y0 > ty ? y0 : ty;
+    *r1 = y1 < ty + tile ? y1 : ty + tile;
+    if (*r1 > H) *r1 = H;
 }
 
-/* The pixel's drawn entries, front to back: their index in ``list``, alpha and the
- * transmittance in front of them. Returns how many. */
-static int64_t replay(const entry_t *list, int64_t len, int32_t col, int32_t row, int64_t *drawn, double *alphas,
-                      double *trans, double *t_final) {
-    double px = col + 0.5, py = row + 0.5, t = 1.0;
-    int64_t k = 0;
-    for (int64_t i = 0; i < len; i++) {
-        const entry_t *e = &list[i];
-        if (col < e->x0 || col >= e->x1 || row < e->y0 || row >= e->y1) continue;
-        double dx = e->mx - px, dy = e->my - py;
-        double sigma = 0.5 * (e->a * dx * dx + e->c * dy * dy) + e->b * dx * dy;
-        if (sigma < 0) continue;
-        double alpha = e->op * exp(-sigma);
-        if (alpha > ALPHA_MAX) alpha = ALPHA_MAX;
-        if (alpha < ALPHA_MIN) continue;
-        double next = t * (1.0 - alpha);
-        if (next <= T_MIN) break;
-        drawn[k] = i; alphas[k] = alpha; trans[k] = t; k++;
-        t = next;
-    }
-    *t_final = t;
-    return k;
+static inline double sigma_at(double mx, double my, double a, double b, double c, int32_t col, int32_t row,
+                              double *dx, double *dy) {
+    *dx = mx - (col + 0.5);
+    *dy = my - (row + 0.5);
+    return 0.5 * (a * *dx * *dx + c * *dy * *dy) + b * *dx * *dy;
 }
 
-static int64_t longest_list(int64_t tiles, const int64_t *offsets) {
-    int64_t m = 0;
-    for (int64_t t = 0; t < tiles; t++)
-        if (offsets[t + 1] - offsets[t] > m) m = offsets[t + 1] - offsets[t];
-    return m;
-}
-
-/* out [H*W*D] = sum of weight * feature, alpha_out [H*W] = sum of weights. Returns 0, or -1
- * when a scratch buffer could not be allocated. */
-int ts_forward(int32_t n, int32_t D, int32_t W, int32_t H, int32_t tile, int32_t tiles_x, int32_t tiles_y,
+/* Forward, one tile at a time: the tile's Gaussians front to back, each over the pixels its range
+ * covers. out [H*W*D] = sum of weight * feature, t_final [H*W] = transmittance left, last [H*W] =
+ * 1 + the position in the tile's list of the last Gaussian drawn (0: none). Returns 0, or -1 when a
+ * scratch buffer could not be allocated. */
+int ts_forward(int32_t D, int32_t W, int32_t H, int32_t tile, int32_t tiles_x, int32_t tiles_y,
                const int64_t *offsets, const int32_t *ids, const double *mx, const double *my, const double *a,
                const double *b, const double *c, const double *op, const int32_t *x0, const int32_t *x1,
-               const int32_t *y0, const int32_t *y1, const double *feat, double *out, double *alpha_out,
-               int32_t threads) {
-    int64_t tiles = (int64_t)tiles_x * tiles_y, longest = longest_list(tiles, offsets);
+               const int32_t *y0, const int32_t *y1, const double *feat, double *out, double *t_final,
+               int32_t *last, int32_t threads) {
+    int64_t tiles = (int64_t)tiles_x * tiles_y;
     int failed = 0;
-    (void)n;
 #pragma omp parallel num_threads(threads)
     {
-        entry_t *list = malloc(sizeof(entry_t) * (longest + 1));
-        int64_t *drawn = malloc(sizeof(int64_t) * (longest + 1));
-        double *alphas = malloc(sizeof(double) * (longest + 1)), *trans = malloc(sizeof(double) * (longest + 1));
-        if (!list || !drawn || !alphas || !trans) {
+        double *T = malloc(sizeof(double) * tile * tile), *acc = malloc(sizeof(double) * tile * tile * D);
+        int32_t *lst = malloc(sizeof(int32_t) * tile * tile);
+        char *done = malloc(tile * tile);
+        if (!T || !acc || !lst || !done) {
 #pragma omp atomic write
             failed = 1;
         } else {
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(dynamic, 4)
             for (int64_t t = 0; t < tiles; t++) {
-                int64_t len = offsets[t + 1] - offsets[t];
-                gather(offsets[t], offsets[t + 1], ids, mx, my, a, b, c, op, x0, x1, y0, y1, list);
-                int32_t tx = (int32_t)(t % tiles_x), ty = (int32_t)(t / tiles_x);
-                for (int32_t row = ty * tile; row < (ty + 1) * tile && row < H; row++)
-                    for (int32_t col = tx * tile; col < (tx + 1) * tile && col < W; col++) {
-                        int64_t p = (int64_t)row * W + col;
-                        double t_final, acc = 0.0;
-                        int64_t k = replay(list, len, col, row, drawn, alphas, trans, &t_final);
-                        double *o = &out[p * D];
-                        for (int32_t d = 0; d < D; d++) o[d] = 0.0;
-                        for (int64_t j = 0; j < k; j++) {
-                            double w = alphas[j] * trans[j];
-                            const double *f = &feat[(int64_t)list[drawn[j]].id * D];
-                            for (int32_t d = 0; d < D; d++) o[d] += w * f[d];
-                            acc += w;
+                int32_t tx = (int32_t)(t % tiles_x) * tile, ty = (int32_t)(t / tiles_x) * tile;
+                int32_t tw = W - tx < tile ? W - tx : tile, th = H - ty < tile ? H - ty : tile;
+                int32_t remaining = tw * th;
+                for (int32_t q = 0; q < tile * tile; q++) { T[q] = 1.0; lst[q] = 0; done[q] = 0; }
+                for (int32_t q = 0; q < tile * tile * D; q++) acc[q] = 0.0;
+                for (int64_t s = offsets[t]; s < offsets[t + 1] && remaining > 0; s++) {
+                    int32_t g = ids[s], c0, c1, r0, r1;
+                    cover(t, tiles_x, tile, W, H, x0[g], x1[g], y0[g], y1[g], &c0, &c1, &r0, &r1);
+                    const double *f = &feat[(int64_t)g * D];
+                    double smax = log(255.0 * op[g]) + 1e-9;
+                    for (int32_t row = r0; row < r1; row++)
+                        for (int32_t col = c0; col < c1; col++) {
+                            int32_t q = (row - ty) * tile + (col - tx);
+                            if (done[q]) continue;
+                            double dx, dy, sigma = sigma_at(mx[g], my[g], a[g], b[g], c[g], col, row, &dx, &dy);
+                            if (sigma < 0 || sigma > smax) continue; /* beyond smax, alpha < 1/255 */
+                            double alpha = op[g] * exp(-sigma);
+                            if (alpha > ALPHA_MAX) alpha = ALPHA_MAX;
+                            if (alpha < ALPHA_MIN) continue;
+                            double next = T[q] * (1.0 - alpha);
+                            if (next <= T_MIN) { done[q] = 1; remaining--; continue; }
+                            double w = alpha * T[q];
+                            for (int32_t d = 0; d < D; d++) acc[q * D + d] += w * f[d];
+                            T[q] = next;
+                            lst[q] = (int32_t)(s - offsets[t] + 1);
                         }
-                        alpha_out[p] = acc;
+                }
+                for (int32_t row = ty; row < ty + th; row++)
+                    for (int32_t col = tx; col < tx + tw; col++) {
+                        int32_t q = (row - ty) * tile + (col - tx);
+                        int64_t p = (int64_t)row * W + col;
+                        for (int32_t d = 0; d < D; d++) out[p * D + d] = acc[q * D + d];
+                        t_final[p] = T[q];
+                        last[p] = lst[q];
                     }
             }
         }
-        free(list); free(drawn); free(alphas); free(trans);
+        free(T); free(acc); free(lst); free(done);
     }
     return failed ? -1 : 0;
 }
 
-/* Gradients of a loss given d_out [H*W*D] and d_alpha [H*W], per Gaussian: grad [n*(6+D)]
- * laid out as (mx, my, a, b, c, opacity, feature 0..D-1). slots [M*(6+D)] is scratch. */
+/* Gradients given d_out [H*W*D] (colour) and d_alpha [H*W] (alpha = 1 - t_final), per Gaussian:
+ * grad [n*(6+D)] laid out as (mx, my, a, b, c, opacity, feature 0..D-1). Each tile walks its list
+ * back to front, recovering the transmittance in front of each drawn Gaussian from the pixel's
+ * t_final; each (tile, Gaussian) entry's gradient goes to its slot of ``slots`` [M*(6+D)], and the
+ * slots are summed per Gaussian in list order. */
 int ts_backward(int32_t n, int32_t D, int32_t W, int32_t H, int32_t tile, int32_t tiles_x, int32_t tiles_y,
                 const int64_t *offsets, const int32_t *ids, const double *mx, const double *my, const double *a,
                 const double *b, const double *c, const double *op, const int32_t *x0, const int32_t *x1,
-                const int32_t *y0, const int32_t *y1, const double *feat, const double *d_out,
-                const double *d_alpha, double *slots, double *grad, int32_t threads) {
-    int64_t tiles = (int64_t)tiles_x * tiles_y, longest = longest_list(tiles, offsets);
-    int64_t K = 6 + D, M = offsets[tiles];
+                const int32_t *y0, const int32_t *y1, const double *feat, const double *t_final,
+                const int32_t *last, const double *d_out, const double *d_alpha, double *slots, double *grad,
+                int32_t threads) {
+    int64_t tiles = (int64_t)tiles_x * tiles_y, K = 6 + D, M = offsets[tiles];
     int failed = 0;
-    for (int64_t i = 0; i < M * K; i++) slots[i] = 0.0;
 #pragma omp parallel num_threads(threads)
     {
-        entry_t *list = malloc(sizeof(entry_t) * (longest + 1));
-        int64_t *drawn = malloc(sizeof(int64_t) * (longest + 1));
-        double *alphas = malloc(sizeof(double) * (longest + 1)), *trans = malloc(sizeof(double) * (longest + 1));
-        double *behind = malloc(sizeof(double) * (D + 1));
-        if (!list || !drawn || !alphas || !trans || !behind) {
+        double *T = malloc(sizeof(double) * tile * tile), *behind = malloc(sizeof(double) * tile * tile * D);
+        double *gs = malloc(sizeof(double) * K);
+        if (!T || !behind || !gs) {
 #pragma omp atomic write
             failed = 1;
         } else {
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(dynamic, 4)
             for (int64_t t = 0; t < tiles; t++) {
-                int64_t len = offsets[t + 1] - offsets[t];
-                if (len == 0) continue;
-                gather(offsets[t], offsets[t + 1], ids, mx, my, a, b, c, op, x0, x1, y0, y1, list);
-                int32_t tx = (int32_t)(t % tiles_x), ty = (int32_t)(t / tiles_x);
-                for (int32_t row = ty * tile; row < (ty + 1) * tile && row < H; row++)
-                    for (int32_t col = tx * tile; col < (tx + 1) * tile && col < W; col++) {
-                        int64_t p = (int64_t)row * W + col;
-                        double t_final;
-                        int64_t k = replay(list, len, col, row, drawn, alphas, trans, &t_final);
-                        const double *dc = &d_out[p * D];
-                        double da = d_alpha[p], behind_alpha = 0.0;
-                        for (int32_t d = 0; d < D; d++) behind[d] = 0.0;
-                        for (int64_t j = k - 1; j >= 0; j--) {
-                            const entry_t *e = &list[drawn[j]];
-                            const double *f = &feat[(int64_t)e->id * D];
-                            double alpha = alphas[j], tr = trans[j], w = alpha * tr, keep = 1.0 - alpha;
-                            double *g = &slots[e->slot * K];
+                int32_t tx = (int32_t)(t % tiles_x) * tile, ty = (int32_t)(t / tiles_x) * tile;
+                int32_t tw = W - tx < tile ? W - tx : tile, th = H - ty < tile ? H - ty : tile;
+                for (int32_t row = ty; row < ty + th; row++)
+                    for (int32_t col = tx; col < tx + tw; col++)
+                        T[(row - ty) * tile + (col - tx)] = t_final[(int64_t)row * W + col];
+                for (int32_t q = 0; q < tile * tile * D; q++) behind[q] = 0.0;
+                for (int64_t s = offsets[t + 1] - 1; s >= offsets[t]; s--) {
+                    int32_t g = ids[s], c0, c1, r0, r1, pos = (int32_t)(s - offsets[t]);
+                    cover(t, tiles_x, tile, W, H, x0[g], x1[g], y0[g], y1[g], &c0, &c1, &r0, &r1);
+                    const double *f = &feat[(int64_t)g * D];
+                    double smax = log(255.0 * op[g]) + 1e-9;
+                    for (int64_t k = 0; k < K; k++) gs[k] = 0.0;
+                    for (int32_t row = r0; row < r1; row++)
+                        for (int32_t col = c0; col < c1; col++) {
+                            int64_t p = (int64_t)row * W + col;
+                            if (pos >= last[p]) continue; /* behind where the pixel stopped */
+                            int32_t q = (row - ty) * tile + (col - tx);
+                            double dx, dy, sigma = sigma_at(mx[g], my[g], a[g], b[g], c[g], col, row, &dx, &dy);
+                            if (sigma < 0 || sigma > smax) continue;
+                            double vis = exp(-sigma), alpha = op[g] * vis;
+                            if (alpha > ALPHA_MAX) alpha = ALPHA_MAX;
+                            if (alpha < ALPHA_MIN) continue;
+                            double keep = 1.0 - alpha, tr = T[q] / keep, w = alpha * tr;
+                            const double *dc = &d_out[p * D];
                             /* d pixel / d alpha: this Gaussian's share, less what it hides behind it */
-                            double d_alpha_j = da * (tr - behind_alpha / keep);
+                            double d_alpha_j = d_alpha[p] * t_final[p] / keep;
                             for (int32_t d = 0; d < D; d++) {
-                                g[6 + d] += w * dc[d];
-                                d_alpha_j += dc[d] * (tr * f[d] - behind[d] / keep);
-                                behind[d] += w * f[d];
+                                gs[6 + d] += w * dc[d];
+                                d_alpha_j += dc[d] * (tr * f[d] - behind[q * D + d] / keep);
+                                behind[q * D + d] += w * f[d];
                             }
-                            behind_alpha += w;
-                            double px = col + 0.5, py = row + 0.5, dx = e->mx - px, dy = e->my - py;
-                            double sigma = 0.5 * (e->a * dx * dx + e->c * dy * dy) + e->b * dx * dy;
-                            double vis = exp(-sigma);
-                            if (e->op * vis > ALPHA_MAX) continue; /* clamped: no gradient */
+                            T[q] = tr;
+                            if (op[g] * vis > ALPHA_MAX) continue; /* clamped: no gradient */
                             double d_sigma = -alpha * d_alpha_j;
-                            g[0] += (e->a * dx + e->b * dy) * d_sigma;
-                            g[1] += (e->c * dy + e->b * dx) * d_sigma;
-                            g[2] += 0.5 * dx * dx * d_sigma;
-                            g[3] += dx * dy * d_sigma;
-                            g[4] += 0.5 * dy * dy * d_sigma;
-                            g[5] += vis * d_alpha_j;
+                            gs[0] += (a[g] * dx + b[g] * dy) * d_sigma;
+                            gs[1] += (c[g] * dy + b[g] * dx) * d_sigma;
+                            gs[2] += 0.5 * dx * dx * d_sigma;
+                            gs[3] += dx * dy * d_sigma;
+                            gs[4] += 0.5 * dy * dy * d_sigma;
+                            gs[5] += vis * d_alpha_j;
                         }
-                    }
+                    for (int64_t k = 0; k < K; k++) slots[s * K + k] = gs[k];
+                }
             }
         }
-        free(list); free(drawn); free(alphas); free(trans); free(behind);
+        free(T); free(behind); free(gs);
     }
     if (failed) return -1;
     for (int64_t i = 0; i < (int64_t)n * K; i++) grad[i] = 0.0;
