@@ -6,13 +6,13 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.twinstudio-installed
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-DEBS   := libusb-1.0-0
+DEBS   := libusb-1.0-0 gcc libc6-dev libgomp1
 
 .PHONY: setup system-deps demo test test-all bench clean
 
 setup: system-deps $(STAMP)
 
-# Debian libraries: open3d needs libusb-1.0 to import.
+# Debian libraries: open3d needs libusb-1.0 to import; the CPU rasteriser's compositing is C (gcc, OpenMP).
 system-deps:
 	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \

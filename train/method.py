@@ -265,8 +265,13 @@ class TwinSplatModel(SplatfactoModel):
         return torch.einsum("nac,a->nc", self.gauss_params["appearance"], e)
 
     def baked_features_dc(self, lighting: int | None = None) -> torch.Tensor:
-        """The degree-0 SH coefficients with a preset's appearance baked in (for exports)."""
-        return self.features_dc + self.colour_offset(self.config.render_lighting if lighting is None else lighting)
+        """The degree-0 SH coefficients with a preset's appearance baked in, for exports: a 3DGS PLY's
+        ``f_dc`` (colour = 0.5 + C0 f_dc). A model of SH degree 0 holds the logit of its colour instead
+        (splatfacto's convention there), which is converted."""
+        dc = self.features_dc + self.colour_offset(self.config.render_lighting if lighting is None else lighting)
+        if self.config.sh_degree == 0:
+            dc = RGB2SH(torch.sigmoid(dc))
+        return dc
 
     # -- rendering
 

@@ -1,7 +1,8 @@
 """The compiled CPU compositing step of :mod:`train.raster` (forward and backward).
 
 ``_raster_cpu.c`` is built on first use with the system's C compiler (``$CC``, else
-``cc``) into ``$TWINSTUDIO_CACHE`` (default ``~/.cache/twinstudio``), keyed by a hash of
+``cc``) into ``$TWINSTUDIO_CACHE`` (default ``~/.cache/twinstudio``; a temporary folder
+where that cannot be made), keyed by a hash of
 the source and flags, so a changed source is rebuilt and concurrent first uses do not
 collide. Where there is no compiler, :func:`available` is False and :mod:`train.raster`
 composites with torch ops (the same rules, several times slower); the reason is logged
@@ -47,7 +48,13 @@ def _build() -> Path:
     lib = cache_dir() / f"raster-{key}.so"
     if lib.is_file():
         return lib
-    lib.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        lib.parent.mkdir(parents=True, exist_ok=True)
+    except OSError:  # a read-only home: build where this user can write
+        lib = Path(tempfile.gettempdir()) / f"twinstudio-{os.getuid()}" / lib.name
+        if lib.is_file():
+            return lib
+        lib.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=lib.parent, prefix=lib.stem, suffix=".so.tmp")
     os.close(fd)
     try:
