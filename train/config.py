@@ -54,9 +54,10 @@ class TwinTrainerConfig(TrainerConfig):
         return Path(self.run_dir) if self.run_dir is not None else super().get_base_dir()
 
 
-def optimizers(max_steps: int = 30000, colour_lr_scale: float = 1.0) -> dict:
-    """splatfacto's optimisers in studio metres; ``colour_lr_scale`` speeds up colour and appearance for
-    short runs (a preview of a few hundred steps cannot move a colour far at splatfacto's rates)."""
+def optimizers(max_steps: int = 30000, colour_lr_scale: float = 1.0, geometry_lr_scale: float = 1.0) -> dict:
+    """splatfacto's optimisers in studio metres. For short runs (a preview of a few thousand steps cannot
+    move a colour or a Gaussian far at splatfacto's rates) ``colour_lr_scale`` speeds up colour and
+    appearance, and ``geometry_lr_scale`` the means (x it) and scales (x its square root)."""
     def adam(lr: float, final: float | None = None, warmup: int = 0) -> dict:
         sched = (ExponentialDecaySchedulerConfig(lr_final=final, max_steps=max_steps, warmup_steps=warmup,
                                                  lr_pre_warmup=0 if warmup else 1e-8)
@@ -64,11 +65,11 @@ def optimizers(max_steps: int = 30000, colour_lr_scale: float = 1.0) -> dict:
         return {"optimizer": AdamOptimizerConfig(lr=lr, eps=1e-15), "scheduler": sched}
 
     return {
-        "means": adam(1.6e-4 * STUDIO_SCALE_M, 1.6e-6 * STUDIO_SCALE_M),
+        "means": adam(1.6e-4 * STUDIO_SCALE_M * geometry_lr_scale, 1.6e-6 * STUDIO_SCALE_M * geometry_lr_scale),
         "features_dc": adam(0.0025 * colour_lr_scale),
         "features_rest": adam(0.0025 / 20 * colour_lr_scale),
         "opacities": adam(0.05),
-        "scales": adam(0.005),
+        "scales": adam(0.005 * geometry_lr_scale ** 0.5),
         "quats": adam(0.001),
         "appearance": adam(0.0025 * colour_lr_scale),
         "lighting_embedding": adam(1e-3 * colour_lr_scale),
