@@ -221,3 +221,154 @@ int ts_backward(int32_t n, int32_t D, int32_t W, int32_t H, int32_t tile, int32_
     }
     return 0;
 }
+
+/* ------------------------------------------------------------------------------------------------
+ * Projection, as train/raster.py's _project (gsplat's classic pinhole EWA projection), one camera.
+ * view [16] row-major world-to-camera, K [9] row-major intrinsics. Radius 0 marks a Gaussian that
+ * is not drawn (outside [near, far] in depth, a degenerate covariance, or off the image).
+ */
+typedef struct {
+    double R[9], t[3], fx, fy, cx, cy, lim_x, lim_y;
+} cam_t;
+
+static cam_t camera(const double *view, const double *K, int32_t W, int32_t H) {
+    cam_t c;
+    for (int i = 0; i < 3; i++) {
+        for (int j = 0; j < 3; j++) c.R[i * 3 + j] = view[i * 4 + j];
+        c.t[i] = view[i * 4 + 3];
+    }
+    c.fx = K[0]; c.fy = K[4]; c.cx = K[2]; c.cy = K[5];
+    c.lim_x = 0.3 * 0.5 * W / c.fx;
+    c.lim_y = 0.3 * 0.5 * H / c.fy;
+    return c;
+}
+
+/* Everything the forward computes for one Gaussian that the backward needs again. */
+typedef struct {
+    double p[3], z, q[4], qnorm, Rg[9], M[9], J[6], A[6], cov[3], det, tx, ty;
+    int ok, clamp_x, clamp_y;
+} proj_t;
+
+static void project_one(const cam_t *c, const double *m, const double *quat, const double *s, double eps2d,
+                        double near, double far, int32_t W, int32_t H, proj_t *o) {
+    for (int i = 0; i < 3; i++)
+        o->p[i] = c->R[i * 3] * m[0] + c->R[i * 3 + 1] * m[1] + c->R[i * 3 + 2] * m[2] + c->t[i];
+    o->ok = o->p[2] >= near && o->p[2] <= far;
+    o->z = o->ok ? o->p[2] : 1.0;
+    double z = o->z;
+    double ux = o->p[0] / z, uy = o->p[1] / z;
+    double lo_x = -c->cx / c->fx - c->lim_x, hi_x = (W - c->cx) / c->fx + c->lim_x;
+    double lo_y = -c->cy / c->fy - c->lim_y, hi_y = (H - c->cy) / c->fy + c->lim_y;
+    o->clamp_x = ux < lo_x || ux > hi_x;
+    o->clamp_y = uy < lo_y || uy > hi_y;
+    o->tx = ux < lo_x ? lo_x : (ux > hi_x ? hi_x : ux);
+    o->ty = uy < lo_y ? lo_y : (uy > hi_y ? hi_y : uy);
+    o->J[0] = c->fx / z; o->J[1] = 0.0; o->J[2] = -c->fx * o->tx / z;
+    o->J[3] = 0.0; o->J[4] = c->fy / z; o->J[5] = -c->fy * o->ty / z;
+    o->qnorm = sqrt(quat[0] * quat[0] + quat[1] * quat[1] + quat[2] * quat[2] + quat[3] * quat[3]);
+    double nrm = o->qnorm > 1e-12 ? o->qnorm : 1e-12; /* as F.normalize's eps */
+    for (int i = 0; i < 4; i++) o->q[i] = quat[i] / nrm;
+    double w = o->q[0], x = o->q[1], y = o->q[2], zq = o->q[3];
+    double *Rg = o->Rg;
+    Rg[0] = 1 - 2 * (y * y + zq * zq); Rg[1] = 2 * (x * y - w * zq); Rg[2] = 2 * (x * zq + w * y);
+    Rg[3] = 2 * (x * y + w * zq); Rg[4] = 1 - 2 * (x * x + zq * zq); Rg[5] = 2 * (y * zq - w * x);
+    Rg[6] = 2 * (x * zq - w * y); Rg[7] = 2 * (y * zq + w * x); Rg[8] = 1 - 2 * (x * x + y * y);
+    /* M = R_view (R_gauss S) */
+    for (int i = 0; i < 3; i++)
+        for (int j = 0; j < 3; j++)
+            o->M[i * 3 + j] = (c->R[i * 3] * Rg[j] + c->R[i * 3 + 1] * Rg[3 + j] + c->R[i * 3 + 2] * Rg[6 + j]) * s[j];
+    for (int i = 0; i < 2; i++)
+        for (int j = 0; j < 3; j++)
+            o->A[i * 3 + j] = o->J[i * 3] * o->M[j] + o->J[i * 3 + 1] * o->M[3 + j] + o->J[i * 3 + 2] * o->M[6 + j];
+    o->cov[0] = o->A[0] * o->A[0] + o->A[1] * o->A[1] + o->A[2] * o->A[2] + eps2d;
+    o->cov[1] = o->A[0] * o->A[3] + o->A[1] * o->A[4] + o->A[2] * o->A[5];
+    o->cov[2] = o->A[3] * o->A[3] + o->A[4] * o->A[4] + o->A[5] * o->A[5] + eps2d;
+    o->det = o->cov[0] * o->cov[2] - o->cov[1] * o->cov[1];
+}
+
+void ts_project(int32_t n, const double *means, const double *quats, const double *scales, const double *view,
+                const double *K, int32_t W, int32_t H, double eps2d, double near, double far, double *means2d,
+                double *depths, double *conics, int32_t *radii, int32_t threads) {
+    cam_t c = camera(view, K, W, H);
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int32_t g = 0; g < n; g++) {
+        proj_t o;
+        project_one(&c, &means[g * 3], &quats[g * 4], &scales[g * 3], eps2d, near, far, W, H, &o);
+        double mx = c.fx * o.p[0] / o.z + c.cx, my = c.fy * o.p[1] / o.z + c.cy;
+        means2d[g * 2] = mx; means2d[g * 2 + 1] = my;
+        depths[g] = o.p[2];
+        conics[g * 3] = o.cov[2] / o.det; conics[g * 3 + 1] = -o.cov[1] / o.det; conics[g * 3 + 2] = o.cov[0] / o.det;
+        double mid = 0.5 * (o.cov[0] + o.cov[2]), disc = mid * mid - o.det;
+        double radius = ceil(3.0 * sqrt(mid + sqrt(disc > 0.01 ? disc : 0.01)));
+        int on_image = mx + radius > 0 && mx - radius < W && my + radius > 0 && my - radius < H;
+        radii[g] = (o.ok && o.det > 0 && on_image) ? (int32_t)radius : 0;
+    }
+}
+
+void ts_project_backward(int32_t n, const double *means, const double *quats, const double *scales,
+                         const double *view, const double *K, int32_t W, int32_t H, double eps2d, double near,
+                         double far, const double *g_means2d, const double *g_depths, const double *g_conics,
+                         double *g_means, double *g_quats, double *g_scales, int32_t threads) {
+    cam_t c = camera(view, K, W, H);
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int32_t g = 0; g < n; g++) {
+        proj_t o;
+        const double *s = &scales[g * 3];
+        project_one(&c, &means[g * 3], &quats[g * 4], s, eps2d, near, far, W, H, &o);
+        double a = o.cov[0], b = o.cov[1], cc = o.cov[2], D = o.det, D2 = D * D;
+        const double *gc = &g_conics[g * 3];
+        /* conic = (c, -b, a) / D */
+        double ga = (gc[0] * -cc * cc + gc[1] * b * cc + gc[2] * -b * b) / D2;
+        double gb = (gc[0] * 2 * b * cc + gc[2] * 2 * a * b) / D2 + gc[1] * (-1.0 / D - 2 * b * b / D2);
+        double gcc = (gc[0] * -b * b + gc[1] * a * b + gc[2] * -a * a) / D2;
+        double gA[6];
+        for (int k = 0; k < 3; k++) {
+            gA[k] = 2 * o.A[k] * ga + o.A[3 + k] * gb;
+            gA[3 + k] = 2 * o.A[3 + k] * gcc + o.A[k] * gb;
+        }
+        /* A = J M: dJ = dA M^T, dM = J^T dA */
+        double gJ[6], gM[9];
+        for (int i = 0; i < 2; i++)
+            for (int k = 0; k < 3; k++)
+                gJ[i * 3 + k] = gA[i * 3] * o.M[k * 3] + gA[i * 3 + 1] * o.M[k * 3 + 1] + gA[i * 3 + 2] * o.M[k * 3 + 2];
+        for (int k = 0; k < 3; k++)
+            for (int j = 0; j < 3; j++) gM[k * 3 + j] = o.J[k] * gA[j] + o.J[3 + k] * gA[3 + j];
+        /* M[i][j] = sum_k R[i][k] Rg[k][j] s[j] */
+        double gRg[9], *gs = &g_scales[g * 3];
+        gs[0] = gs[1] = gs[2] = 0.0;
+        for (int k = 0; k < 3; k++)
+            for (int j = 0; j < 3; j++) {
+                double rs = c.R[k] * gM[j] + c.R[3 + k] * gM[3 + j] + c.R[6 + k] * gM[6 + j]; /* (R^T gM)[k][j] */
+                gRg[k * 3 + j] = rs * s[j];
+                gs[j] += rs * o.Rg[k * 3 + j];
+            }
+        double w = o.q[0], x = o.q[1], y = o.q[2], zq = o.q[3], *r = gRg;
+        double gq[4] = {
+            2 * (-zq * r[1] + y * r[2] + zq * r[3] - x * r[5] - y * r[6] + x * r[7]),
+            2 * (y * r[1] + zq * r[2] + y * r[3] - 2 * x * r[4] - w * r[5] + zq * r[6] + w * r[7] - 2 * x * r[8]),
+            2 * (-2 * y * r[0] + x * r[1] + w * r[2] + x * r[3] + zq * r[5] - w * r[6] + zq * r[7] - 2 * y * r[8]),
+            2 * (-2 * zq * r[0] - w * r[1] + x * r[2] + w * r[3] - 2 * zq * r[4] + y * r[5] + x * r[6] + y * r[7]),
+        };
+        double *gquat = &g_quats[g * 4];
+        if (o.qnorm > 1e-12) {
+            double dot = o.q[0] * gq[0] + o.q[1] * gq[1] + o.q[2] * gq[2] + o.q[3] * gq[3];
+            for (int i = 0; i < 4; i++) gquat[i] = (gq[i] - o.q[i] * dot) / o.qnorm;
+        } else {
+            for (int i = 0; i < 4; i++) gquat[i] = gq[i] / 1e-12;
+        }
+        /* camera-space point: means2d, the Jacobian (through z and the clamped tx, ty) and the depth */
+        double z = o.z, gp[3] = {0.0, 0.0, g_depths[g]}, gz = 0.0;
+        const double *gm2 = &g_means2d[g * 2];
+        gp[0] += gm2[0] * c.fx / z;
+        gp[1] += gm2[1] * c.fy / z;
+        gz += -gm2[0] * c.fx * o.p[0] / (z * z) - gm2[1] * c.fy * o.p[1] / (z * z);
+        gz += -gJ[0] * c.fx / (z * z) + gJ[2] * c.fx * o.tx / (z * z) - gJ[4] * c.fy / (z * z) +
+              gJ[5] * c.fy * o.ty / (z * z);
+        double gtx = -gJ[2] * c.fx / z, gty = -gJ[5] * c.fy / z;
+        if (!o.clamp_x) { gp[0] += gtx / z; gz -= gtx * o.p[0] / (z * z); }
+        if (!o.clamp_y) { gp[1] += gty / z; gz -= gty * o.p[1] / (z * z); }
+        if (o.ok) gp[2] += gz; /* elsewhere z was replaced by 1 */
+        double *gm = &g_means[g * 3];
+        for (int j = 0; j < 3; j++) gm[j] = c.R[j] * gp[0] + c.R[3 + j] * gp[1] + c.R[6 + j] * gp[2];
+    }
+}

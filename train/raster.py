@@ -118,9 +118,15 @@ def rasterize(
         if tuple(tensor.shape) != expected[name]:
             raise ValueError(f"{name} must have shape {list(expected[name])}, got {list(tensor.shape)}")
 
-    radii, means2d, depths, conics = _project(
-        means, quats, scales, viewmats, Ks, width, height, eps2d, near_plane, far_plane
-    )
+    compiled = backend != "torch" and not means.is_cuda and raster_c.available()
+    if compiled and not (viewmats.requires_grad or Ks.requires_grad):
+        per_camera = [raster_c.project(means, quats, scales, viewmats[c], Ks[c], width, height, eps2d, near_plane,
+                                       far_plane) for c in range(n_cams)]
+        radii, means2d, depths, conics = (torch.stack(t) for t in zip(*per_camera))
+    else:
+        radii, means2d, depths, conics = _project(
+            means, quats, scales, viewmats, Ks, width, height, eps2d, near_plane, far_plane
+        )
     opacities_c = opacities[None].expand(n_cams, n_gauss)
 
     if render_mode in ("D", "ED"):
@@ -135,7 +141,7 @@ def rasterize(
 
     render, alpha = _composite(
         means2d, conics, opacities_c, features, depths, radii, width, height, backgrounds, max_pairs,
-        compiled=backend != "torch" and not means.is_cuda and raster_c.available(),
+        compiled=compiled,
     )
     if render_mode in ("ED", "RGB+ED"):
         expected_depth = render[..., -1:] / alpha.clamp(min=1e-10)

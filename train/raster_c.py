@@ -1,4 +1,4 @@
-"""The compiled CPU compositing step of :mod:`train.raster` (forward and backward).
+"""The compiled CPU projection and compositing of :mod:`train.raster` (forward and backward).
 
 ``_raster_cpu.c`` is built on first use with the system's C compiler (``$CC``, else
 ``cc``) into ``$TWINSTUDIO_CACHE`` (default ``~/.cache/twinstudio``; a temporary folder
@@ -93,6 +93,12 @@ def _load() -> ctypes.CDLL | None:
     lib.ts_backward.restype = ctypes.c_int
     lib.ts_backward.argtypes = [ctypes.c_int32] + common + [_f64p, _i32p, _f64p, _f64p, _f64p, _f64p,
                                                               ctypes.c_int32]
+    proj = [ctypes.c_int32, _f64p, _f64p, _f64p, _f64p, _f64p, ctypes.c_int32, ctypes.c_int32, ctypes.c_double,
+            ctypes.c_double, ctypes.c_double]
+    lib.ts_project.restype = None
+    lib.ts_project.argtypes = proj + [_f64p, _f64p, _f64p, _i32p, ctypes.c_int32]
+    lib.ts_project_backward.restype = None
+    lib.ts_project_backward.argtypes = proj + [_f64p, _f64p, _f64p, _f64p, _f64p, _f64p, ctypes.c_int32]
     _lib = lib
     return lib
 
@@ -106,6 +112,11 @@ def why_not() -> str | None:
     """Why the compiled compositing is not used, or None when it is."""
     _load()
     return _why_not
+
+
+def _require() -> None:
+    if _load() is None:
+        raise RuntimeError(f"the compiled CPU rasteriser is unavailable ({_why_not})")
 
 
 def _ptr(t: Tensor, kind):
@@ -174,10 +185,56 @@ class _Composite(torch.autograd.Function):
         return (*g[:, :6].unbind(-1), g[:, 6:], None, None, None, None)
 
 
+class _Project(torch.autograd.Function):
+    """One camera: (means [N, 3], quats [N, 4], scales [N, 3]) -> radii [N] int32, means2d [N, 2], depths [N],
+    conics [N, 3]; the camera (view [4, 4], K [3, 3]) is held fixed."""
+
+    @staticmethod
+    def forward(ctx, means, quats, scales, view, K, width, height, eps2d, near, far):
+        dtype = means.dtype
+        inputs = [t.detach().double().contiguous() for t in (means, quats, scales, view, K)]
+        n = len(means)
+        means2d = torch.empty(n, 2, dtype=torch.float64)
+        depths = torch.empty(n, dtype=torch.float64)
+        conics = torch.empty(n, 3, dtype=torch.float64)
+        radii = torch.empty(n, dtype=torch.int32)
+        setup = [n, *(_ptr(t, _f64p) for t in inputs), width, height, eps2d, near, far]
+        _lib.ts_project(*setup, _ptr(means2d, _f64p), _ptr(depths, _f64p), _ptr(conics, _f64p), _ptr(radii, _i32p),
+                        torch.get_num_threads())
+        ctx.inputs, ctx.setup, ctx.dtype = inputs, setup, dtype
+        ctx.mark_non_differentiable(radii)
+        return radii, means2d.to(dtype), depths.to(dtype), conics.to(dtype)
+
+    @staticmethod
+    def backward(ctx, _d_radii, d_means2d, d_depths, d_conics):
+        n = ctx.setup[0]
+
+        def grad_in(d, shape):
+            return (torch.zeros(shape) if d is None else d).double().contiguous()
+
+        gm2, gd, gc = grad_in(d_means2d, (n, 2)), grad_in(d_depths, (n,)), grad_in(d_conics, (n, 3))
+        g_means = torch.empty(n, 3, dtype=torch.float64)
+        g_quats = torch.empty(n, 4, dtype=torch.float64)
+        g_scales = torch.empty(n, 3, dtype=torch.float64)
+        _lib.ts_project_backward(*ctx.setup, _ptr(gm2, _f64p), _ptr(gd, _f64p), _ptr(gc, _f64p),
+                                 _ptr(g_means, _f64p), _ptr(g_quats, _f64p), _ptr(g_scales, _f64p),
+                                 torch.get_num_threads())
+        return (g_means.to(ctx.dtype), g_quats.to(ctx.dtype), g_scales.to(ctx.dtype),
+                None, None, None, None, None, None, None)
+
+
+def project(means: Tensor, quats: Tensor, scales: Tensor, view: Tensor, K: Tensor, width: int, height: int,
+            eps2d: float, near: float, far: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Projects N Gaussians into one fixed camera (differentiable in means, quats and scales)."""
+    _require()
+    return _Project.apply(means, quats, scales, view, K, width, height, float(eps2d), float(near), float(far))
+
+
 def composite(columns: list[Tensor], features: Tensor, ranges: tuple[Tensor, ...], depths: Tensor,
               width: int, height: int) -> tuple[Tensor, Tensor]:
     """Composites one camera's Gaussians; ``columns`` = (mx, my, conic a, b, c, opacity), each [N]."""
+    _require()
     return _Composite.apply(*columns, features, ranges, depths, width, height)
 
 
-__all__ = ["available", "cache_dir", "composite", "why_not"]
+__all__ = ["available", "cache_dir", "composite", "project", "why_not"]
