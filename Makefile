@@ -48,6 +48,7 @@ bench: setup
 	$(PY) benchmarks/render.py
 	$(PY) benchmarks/capture.py
 	$(PY) benchmarks/reconstruct.py
+	$(PY) benchmarks/raster_cpu.py
 	$(PY) benchmarks/train_cpu.py
 	$(PY) benchmarks/bundle.py
 	$(PY) benchmarks/faults.py

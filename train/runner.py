@@ -44,10 +44,10 @@ from train.dataset import (TrainError, default_dataset_dir, export_dataset, fini
 METRICS_SCHEMA = "twinstudio.train-metrics"
 METRICS_VERSION = 1
 #: CPU previews: the subject's crops at half the cameras' resolution, as many iterations as fit in 3 minutes
-#: on 2 cores with the compiled compositing (ring-24: 1600 in ~145 s); SH degree 0 (view-independent colour:
+#: on 2 cores with the compiled rasteriser (ring-24: 2000 in ~150 s); SH degree 0 (view-independent colour:
 #: on 20 training views degree 1 scored no better on held-out cameras and cost 15 % more time); Gaussians
 #: are split and cloned over the first 40 % (they cost time in every later step)
-CPU_DEFAULTS = {"iterations": 1600, "downscale": 2, "sh_degree": 0}
+CPU_DEFAULTS = {"iterations": 2000, "downscale": 2, "sh_degree": 0}
 CPU_REFINE_FRACTION = 0.4
 GPU_DEFAULTS = {"iterations": 30000, "downscale": 1}
 #: learning rates of runs below SHORT_RUN steps (measured on ring-24, 1600 CPU steps: geometry x3 took the held-out
@@ -61,7 +61,7 @@ CPU_DENSIFY_GRAD = 0.0003
 @dataclass(frozen=True)
 class TrainOptions:
     device: str = "auto"             # auto | cuda | cpu
-    iterations: int | None = None    # total steps (default: 30000 on a GPU, 1600 on the CPU)
+    iterations: int | None = None    # total steps (default: 30000 on a GPU, 2000 on the CPU)
     downscale: int | None = None     # image downscale (default: 1 on a GPU, 2 on the CPU)
     run: str = "twin"                # run folder: <root>/train/<run>
     resume: bool = True              # continue from the run's latest checkpoint

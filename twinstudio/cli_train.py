@@ -196,7 +196,7 @@ def export_cmd(
 def run_cmd(
     root: RootArg,
     device: Annotated[str, typer.Option(help="auto (CUDA when present), cuda or cpu.")] = "auto",
-    iterations: Annotated[Optional[int], typer.Option(help="Total iterations (default: 30000 GPU, 1600 CPU).")]
+    iterations: Annotated[Optional[int], typer.Option(help="Total iterations (default: 30000 GPU, 2000 CPU).")]
     = None,
     downscale: Annotated[Optional[int], typer.Option(help="Image downscale 1/2/4/8 (default: 1 GPU, 8 CPU).")]
     = None,

@@ -17,7 +17,7 @@ def run_demo(out: Path, rig: str, *, scale: float = 1.0, frames: int | None = No
     """Capture a whole virtual session into ``out/session``, reconstruct it and train a preview twin.
 
     Returns the session folder. Training uses the GPU when one is present (a
-    short run), else a CPU preview (the subject's crops at half size, 1600 iterations, under 3 minutes).
+    short run), else a CPU preview (the subject's crops at half size, 2000 iterations, under 3 minutes).
 
     An earlier demo session in the same place is moved aside, never deleted.
     """
