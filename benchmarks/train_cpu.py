@@ -69,6 +69,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--downscale", type=int, default=None, help="default: the CPU preview's (train.runner)")
     ap.add_argument("--sh-degree", type=int, default=None, help="default: the CPU preview's (train.runner)")
     ap.add_argument("--geometry-lr-scale", type=float, default=None, help="default: the CPU preview's (train.runner)")
+    ap.add_argument("--settle", type=float, default=None, help="default: the CPU preview's (train.runner)")
+    ap.add_argument("--settle-shape", action="store_true", help="decay the scales' and rotations' rates too")
     ap.add_argument("--run", default="bench-cpu", help="run folder under ROOT/train (default: bench-cpu)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a twin-splat model setting (repeatable), e.g. --set densify_grad_thresh=0.0001")
@@ -90,6 +92,7 @@ def main(argv: list[str]) -> int:
     t = time.perf_counter()
     r = run_training(root, TrainOptions(device="cpu", iterations=args.iterations, downscale=args.downscale,
                                         sh_degree=args.sh_degree, geometry_lr_scale=args.geometry_lr_scale,
+                                        settle=args.settle, settle_shape=args.settle_shape,
                                         run=args.run, resume=False,
                                         model_overrides=overrides))
     total = time.perf_counter() - t

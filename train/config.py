@@ -54,10 +54,16 @@ class TwinTrainerConfig(TrainerConfig):
         return Path(self.run_dir) if self.run_dir is not None else super().get_base_dir()
 
 
-def optimizers(max_steps: int = 30000, colour_lr_scale: float = 1.0, geometry_lr_scale: float = 1.0) -> dict:
+def optimizers(max_steps: int = 30000, colour_lr_scale: float = 1.0, geometry_lr_scale: float = 1.0,
+               settle: float | None = None, settle_shape: bool = False) -> dict:
     """splatfacto's optimisers in studio metres. For short runs (a preview of a few thousand steps cannot
     move a colour or a Gaussian far at splatfacto's rates) ``colour_lr_scale`` speeds up colour and
-    appearance, and ``geometry_lr_scale`` the means (x it) and scales (x its square root)."""
+    appearance, ``geometry_lr_scale`` the means (x it) and scales (x its square root), and ``settle``
+    decays the colour, appearance and opacity rates (with ``settle_shape`` also scales and rotations)
+    exponentially to that fraction by the last step, so the fast rates do not leave the end noisy."""
+    def settled(lr: float, on: bool = True) -> dict:
+        return adam(lr, lr * settle if settle and on else None)
+
     def adam(lr: float, final: float | None = None, warmup: int = 0) -> dict:
         sched = (ExponentialDecaySchedulerConfig(lr_final=final, max_steps=max_steps, warmup_steps=warmup,
                                                  lr_pre_warmup=0 if warmup else 1e-8)
@@ -66,13 +72,13 @@ def optimizers(max_steps: int = 30000, colour_lr_scale: float = 1.0, geometry_lr
 
     return {
         "means": adam(1.6e-4 * STUDIO_SCALE_M * geometry_lr_scale, 1.6e-6 * STUDIO_SCALE_M * geometry_lr_scale),
-        "features_dc": adam(0.0025 * colour_lr_scale),
-        "features_rest": adam(0.0025 / 20 * colour_lr_scale),
-        "opacities": adam(0.05),
-        "scales": adam(0.005 * geometry_lr_scale ** 0.5),
-        "quats": adam(0.001),
-        "appearance": adam(0.0025 * colour_lr_scale),
-        "lighting_embedding": adam(1e-3 * colour_lr_scale),
+        "features_dc": settled(0.0025 * colour_lr_scale),
+        "features_rest": settled(0.0025 / 20 * colour_lr_scale),
+        "opacities": settled(0.05),
+        "scales": settled(0.005 * geometry_lr_scale ** 0.5, settle_shape),
+        "quats": settled(0.001, settle_shape),
+        "appearance": settled(0.0025 * colour_lr_scale),
+        "lighting_embedding": settled(1e-3 * colour_lr_scale),
         "camera_opt": adam(1e-4, 5e-7, warmup=1000),
     }
 

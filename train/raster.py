@@ -99,7 +99,7 @@ def rasterize(
         backgrounds: [C, D] colour behind the Gaussians (depth channels get 0 behind).
         max_pairs: the most candidate (Gaussian, pixel) pairs to test (the pixels of the
             4x4 blocks that each radius box touches); more raise ValueError.
-        backend: "c" (the compiled compositing of :mod:`train.raster_c`), "torch" (torch
+        backend: "c" (the compiled rasteriser of :mod:`train.raster_c`), "torch" (torch
             ops, several times slower), or "auto": "c" where it could be built.
 
     Returns:
@@ -115,7 +115,7 @@ def rasterize(
     if backend not in ("auto", "c", "torch"):
         raise ValueError(f"backend must be 'auto', 'c' or 'torch', not {backend!r}")
     if backend == "c" and not raster_c.available():
-        raise RuntimeError(f"rasterize: the compiled compositing is unavailable ({raster_c.why_not()})")
+        raise RuntimeError(f"rasterize: the compiled rasteriser is unavailable ({raster_c.why_not()})")
     n_cams = viewmats.shape[0]
     n_gauss = means.shape[0]
     expected = {"means": (n_gauss, 3), "quats": (n_gauss, 4), "scales": (n_gauss, 3), "opacities": (n_gauss,),

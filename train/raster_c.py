@@ -5,8 +5,8 @@
 where that cannot be made), keyed by a hash of
 the source and flags, so a changed source is rebuilt and concurrent first uses do not
 collide. Where there is no compiler, :func:`available` is False and :mod:`train.raster`
-composites with torch ops (the same rules, several times slower); the reason is logged
-once. ``TWINSTUDIO_RASTER=torch`` forces that path.
+projects and composites with torch ops (the same rules, about 10x slower); the reason is
+logged once. ``TWINSTUDIO_RASTER=torch`` forces that path.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def _load() -> ctypes.CDLL | None:
         lib = ctypes.CDLL(str(_build()))
     except (OSError, FileNotFoundError) as e:
         _why_not = str(e)
-        log.warning("CPU rasteriser: compiled compositing unavailable (%s); using torch ops (slower)", e)
+        log.warning("CPU rasteriser: the compiled one is unavailable (%s); using torch ops (slower)", e)
         return None
     lib.ts_count.restype = ctypes.c_int64
     lib.ts_count.argtypes = [ctypes.c_int32, _i32p, _i32p, _i32p, _i32p, ctypes.c_int32, ctypes.c_int32,
@@ -104,12 +104,12 @@ def _load() -> ctypes.CDLL | None:
 
 
 def available() -> bool:
-    """Whether the compiled compositing can be used (builds it on first call)."""
+    """Whether the compiled rasteriser can be used (builds it on first call)."""
     return _load() is not None
 
 
 def why_not() -> str | None:
-    """Why the compiled compositing is not used, or None when it is."""
+    """Why the compiled rasteriser is not used, or None when it is."""
     _load()
     return _why_not
 

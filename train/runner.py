@@ -55,6 +55,9 @@ GPU_DEFAULTS = {"iterations": 30000, "downscale": 1}
 SHORT_RUN = 3000
 COLOUR_LR_SCALE_SHORT = 4.0
 GEOMETRY_LR_SCALE_SHORT = 3.0
+#: ... and their colour, appearance and opacity rates decay to this fraction by the last step (2000 CPU steps:
+#: 27.5 -> 27.8 dB, SSIM 0.884 -> 0.892, CIEDE2000 3.77 -> 3.42)
+SETTLE_SHORT = 0.1
 CPU_DENSIFY_GRAD = 0.0003
 
 
@@ -75,6 +78,8 @@ class TrainOptions:
     cpu_threads: int | None = None   # torch threads for CPU training (default: torch's, one per core)
     colour_lr_scale: float | None = None  # colour/appearance learning rates x this (default: x4 below 3000 steps)
     geometry_lr_scale: float | None = None  # means x this, scales x its root (default: x3 below 3000 steps)
+    settle: float | None = None      # colour/opacity rates decay to this fraction (default: 0.1 below 3000 steps)
+    settle_shape: bool = False       # ... and the scales' and rotations' rates too
     model_overrides: dict = field(default_factory=dict)  # any TwinSplatModelConfig field
 
     def __post_init__(self) -> None:
@@ -138,7 +143,9 @@ def build_config(dataset: Path, run_dir: Path, device: str, options: TrainOption
     short = iterations < SHORT_RUN
     cfg.optimizers = optimizers(iterations,
                                 colour_lr_scale=options.colour_lr_scale or (COLOUR_LR_SCALE_SHORT if short else 1.0),
-                                geometry_lr_scale=options.geometry_lr_scale or (GEOMETRY_LR_SCALE_SHORT if short else 1.0))
+                                geometry_lr_scale=options.geometry_lr_scale or (GEOMETRY_LR_SCALE_SHORT if short else 1.0),
+                                settle=options.settle or (SETTLE_SHORT if short else None),
+                                settle_shape=options.settle_shape)
     dm = cfg.pipeline.datamanager
     dm.data = dataset
     dm.dataparser.data = dataset
@@ -257,7 +264,7 @@ def _rasteriser(device: str) -> str:
         return "gsplat (CUDA)"
     from train import raster_c
 
-    return "train.raster, compiled compositing" if raster_c.available() else \
+    return "train.raster, compiled" if raster_c.available() else \
         f"train.raster, torch ops ({raster_c.why_not()})"
 
 

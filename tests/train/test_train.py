@@ -335,6 +335,18 @@ def test_short_runs_move_colour_and_geometry_faster(tmp_path):
     mine, _ = lrs("cpu", 1600, geometry_lr_scale=1.0, colour_lr_scale=1.0)
     assert mine["means"] == pytest.approx(full["means"]) and mine["features_dc"] == pytest.approx(full["features_dc"])
 
+    def scheduler(device, iterations, group, **kw):
+        cfg = build_config(tmp_path / "ds", tmp_path / "run", device, TrainOptions(**kw), iterations, 2)
+        return cfg.optimizers[group]["scheduler"]
+
+    # a short run's colour and opacity rates settle to a tenth by its last step; shape keeps its rate
+    for group in ("features_dc", "appearance", "lighting_embedding", "opacities"):
+        sched = scheduler("cpu", 1600, group)
+        assert sched.max_steps == 1600 and sched.lr_final == pytest.approx(0.1 * short[group]), group
+        assert scheduler("cuda", 30000, group) is None, group
+    assert scheduler("cpu", 1600, "scales") is None
+    assert scheduler("cpu", 1600, "scales", settle_shape=True).lr_final == pytest.approx(0.1 * short["scales"])
+
 
 def test_figures_that_are_not_finite_become_none_with_a_reason():
     from train.dataset import finite_or_none, json_safe
