@@ -69,8 +69,11 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--downscale", type=int, default=None, help="default: the CPU preview's (train.runner)")
     ap.add_argument("--sh-degree", type=int, default=None, help="default: the CPU preview's (train.runner)")
     ap.add_argument("--geometry-lr-scale", type=float, default=None, help="default: the CPU preview's (train.runner)")
+    ap.add_argument("--colour-lr-scale", type=float, default=None, help="default: the CPU preview's (train.runner)")
     ap.add_argument("--settle", type=float, default=None, help="default: the CPU preview's (train.runner)")
     ap.add_argument("--settle-shape", action="store_true", help="decay the scales' and rotations' rates too")
+    ap.add_argument("--reuse-dataset", action="store_true",
+                    help="train on the dataset already exported under ROOT/train/dataset (for comparing settings)")
     ap.add_argument("--run", default="bench-cpu", help="run folder under ROOT/train (default: bench-cpu)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a twin-splat model setting (repeatable), e.g. --set densify_grad_thresh=0.0001")
@@ -86,13 +89,17 @@ def main(argv: list[str]) -> int:
 
     root = ready_root(args.root)
     t = time.perf_counter()
-    ex = export_dataset(root)
-    print(f"export_seconds {time.perf_counter() - t:.1f}")
-    print(f"frames {ex.frames} (held out: {', '.join(ex.holdout_cameras)})")
+    if args.reuse_dataset and (root / "train" / "dataset" / "transforms.json").is_file():
+        print("export_seconds - (--reuse-dataset: the dataset already under ROOT/train/dataset)")
+    else:
+        ex = export_dataset(root)
+        print(f"export_seconds {time.perf_counter() - t:.1f}")
+        print(f"frames {ex.frames} (held out: {', '.join(ex.holdout_cameras)})")
     t = time.perf_counter()
     r = run_training(root, TrainOptions(device="cpu", iterations=args.iterations, downscale=args.downscale,
                                         sh_degree=args.sh_degree, geometry_lr_scale=args.geometry_lr_scale,
                                         settle=args.settle, settle_shape=args.settle_shape,
+                                        colour_lr_scale=args.colour_lr_scale,
                                         run=args.run, resume=False,
                                         model_overrides=overrides))
     total = time.perf_counter() - t

@@ -318,7 +318,7 @@ def test_run_configs_of_nerfstudio_methods_read_safely_and_nothing_else(tmp_path
 
 def test_short_runs_move_colour_and_geometry_faster(tmp_path):
     """A CPU preview (1600 steps) gets the measured short-run settings; a full run splatfacto's own rates."""
-    from train.runner import TrainOptions, build_config
+    from train.runner import COLOUR_LR_SCALE_SHORT, GEOMETRY_LR_SCALE_SHORT, TrainOptions, build_config
 
     def lrs(device, iterations, **kw):
         cfg = build_config(tmp_path / "ds", tmp_path / "run", device, TrainOptions(**kw), iterations, 2)
@@ -326,9 +326,10 @@ def test_short_runs_move_colour_and_geometry_faster(tmp_path):
 
     short, m_short = lrs("cpu", 1600)
     full, m_full = lrs("cuda", 30000)
-    assert short["means"] == pytest.approx(3 * full["means"])
-    assert short["scales"] == pytest.approx(3 ** 0.5 * full["scales"])
-    assert short["features_dc"] == pytest.approx(4 * full["features_dc"])
+    assert GEOMETRY_LR_SCALE_SHORT > 1 and COLOUR_LR_SCALE_SHORT > 1
+    assert short["means"] == pytest.approx(GEOMETRY_LR_SCALE_SHORT * full["means"])
+    assert short["scales"] == pytest.approx(GEOMETRY_LR_SCALE_SHORT ** 0.5 * full["scales"])
+    assert short["features_dc"] == pytest.approx(COLOUR_LR_SCALE_SHORT * full["features_dc"])
     assert short["opacities"] == full["opacities"]
     assert m_short.sh_degree == 0 and m_full.sh_degree == 3
     assert m_short.densify_grad_thresh == 0.0003 and m_short.reset_alpha_every * m_short.refine_every > 1600
