@@ -59,16 +59,24 @@ void ts_fill(int32_t n, const int64_t *order, const int32_t *x0, const int32_t *
     }
 }
 
+/* Tile t's first column and row, and its width and height inside the image. */
+static inline void tile_extent(int64_t t, int32_t tiles_x, int32_t tile, int32_t W, int32_t H, int32_t *tx,
+                               int32_t *ty, int32_t *tw, int32_t *th) {
+    *tx = (int32_t)(t % tiles_x) * tile;
+    *ty = (int32_t)(t / tiles_x) * tile;
+    *tw = W - *tx < tile ? W - *tx : tile;
+    *th = H - *ty < tile ? H - *ty : tile;
+}
+
 /* The pixels of tile t that Gaussian g's range covers: [*c0, *c1) x [*r0, *r1). */
 static inline void cover(int64_t t, int32_t tiles_x, int32_t tile, int32_t W, int32_t H, int32_t x0, int32_t x1,
                          int32_t y0, int32_t y1, int32_t *c0, int32_t *c1, int32_t *r0, int32_t *r1) {
-    int32_t tx = (int32_t)(t % tiles_x) * tile, ty = (int32_t)(t / tiles_x) * tile;
+    int32_t tx, ty, tw, th;
+    tile_extent(t, tiles_x, tile, W, H, &tx, &ty, &tw, &th);
     *c0 = x0 > tx ? x0 : tx;
-    *c1 = x1 < tx + tile ? x1 : tx + tile;
-    if (*c1 > W) *c1 = W;
+    *c1 = x1 < tx + tw ? x1 : tx + tw;
     *r0 = y0 > ty ? y0 : ty;
-    *r1 = y1 < ty + tile ? y1 : ty + tile;
-    if (*r1 > H) *r1 = H;
+    *r1 = y1 < ty + th ? y1 : ty + th;
 }
 
 static inline double sigma_at(double mx, double my, double a, double b, double c, int32_t col, int32_t row,
@@ -100,8 +108,8 @@ int ts_forward(int32_t D, int32_t W, int32_t H, int32_t tile, int32_t tiles_x, i
         } else {
 #pragma omp for schedule(dynamic, 4)
             for (int64_t t = 0; t < tiles; t++) {
-                int32_t tx = (int32_t)(t % tiles_x) * tile, ty = (int32_t)(t / tiles_x) * tile;
-                int32_t tw = W - tx < tile ? W - tx : tile, th = H - ty < tile ? H - ty : tile;
+                int32_t tx, ty, tw, th;
+                tile_extent(t, tiles_x, tile, W, H, &tx, &ty, &tw, &th);
                 int32_t remaining = tw * th;
                 for (int32_t q = 0; q < tile * tile; q++) { T[q] = 1.0; lst[q] = 0; done[q] = 0; }
                 for (int32_t q = 0; q < tile * tile * D; q++) acc[q] = 0.0;
@@ -165,8 +173,8 @@ int ts_backward(int32_t n, int32_t D, int32_t W, int32_t H, int32_t tile, int32_
         } else {
 #pragma omp for schedule(dynamic, 4)
             for (int64_t t = 0; t < tiles; t++) {
-                int32_t tx = (int32_t)(t % tiles_x) * tile, ty = (int32_t)(t / tiles_x) * tile;
-                int32_t tw = W - tx < tile ? W - tx : tile, th = H - ty < tile ? H - ty : tile;
+                int32_t tx, ty, tw, th;
+                tile_extent(t, tiles_x, tile, W, H, &tx, &ty, &tw, &th);
                 for (int32_t row = ty; row < ty + th; row++)
                     for (int32_t col = tx; col < tx + tw; col++)
                         T[(row - ty) * tile + (col - tx)] = t_final[(int64_t)row * W + col];
