@@ -44,7 +44,7 @@ from train.dataset import (TrainError, default_dataset_dir, export_dataset, fini
 METRICS_SCHEMA = "twinstudio.train-metrics"
 METRICS_VERSION = 1
 #: CPU previews: the subject's crops at half the cameras' resolution, as many iterations as fit in 3 minutes
-#: on 2 cores with the compiled rasteriser (ring-24: 2000 in ~150 s); SH degree 0 (view-independent colour:
+#: on 2 cores with the compiled rasteriser (ring-24: 2000 in ~160 s); SH degree 0 (view-independent colour:
 #: on 20 training views degree 1 scored no better on held-out cameras and cost 15 % more time); Gaussians
 #: are split and cloned over the first 35 % (they cost time in every later step; 40 % scored the same, 8 s slower)
 CPU_DEFAULTS = {"iterations": 2000, "downscale": 2, "sh_degree": 0}
