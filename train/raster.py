@@ -294,10 +294,9 @@ def _block_rows(
     """
     n_cams, n_gauss = depths.shape
     blocks_x, blocks_y = math.ceil(width / BLOCK), math.ceil(height / BLOCK)
-    x0, x1, y0, y1 = ranges
+    x0, _, y0, _ = ranges
     bx0, by0 = x0 // BLOCK, y0 // BLOCK
-    n_bx = torch.where(x1 > x0, (x1 + BLOCK - 1) // BLOCK - bx0, 0)
-    n_by = torch.where(y1 > y0, (y1 + BLOCK - 1) // BLOCK - by0, 0)
+    n_bx, n_by = _blocks_touched(ranges)
     counts = n_bx * n_by
 
     n_rows = int(counts.sum())
@@ -316,6 +315,14 @@ def _block_rows(
     return gauss.index_select(0, order), block.index_select(0, order)
 
 
+def _blocks_touched(ranges: tuple[Tensor, Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """How many BLOCK-wide columns and rows of blocks each pixel range touches (0 where it is empty)."""
+    x0, x1, y0, y1 = ranges
+    n_bx = torch.where(x1 > x0, (x1 + BLOCK - 1) // BLOCK - x0 // BLOCK, 0)
+    n_by = torch.where(y1 > y0, (y1 + BLOCK - 1) // BLOCK - y0 // BLOCK, 0)
+    return n_bx, n_by
+
+
 def _raise_if_too_many(pairs: int, n_cams: int, width: int, height: int, max_pairs: int) -> None:
     if pairs > max_pairs:
         raise ValueError(
@@ -328,9 +335,7 @@ def _raise_if_too_many(pairs: int, n_cams: int, width: int, height: int, max_pai
 @torch.no_grad()
 def _check_pairs(ranges: tuple[Tensor, Tensor, Tensor, Tensor], width: int, height: int, max_pairs: int) -> None:
     """The torch path's limit, for one camera: pixels of the BLOCK x BLOCK blocks the ranges touch."""
-    x0, x1, y0, y1 = ranges
-    n_bx = torch.where(x1 > x0, (x1 + BLOCK - 1) // BLOCK - x0 // BLOCK, 0)
-    n_by = torch.where(y1 > y0, (y1 + BLOCK - 1) // BLOCK - y0 // BLOCK, 0)
+    n_bx, n_by = _blocks_touched(ranges)
     _raise_if_too_many(int((n_bx * n_by).sum()) * BLOCK * BLOCK, 1, width, height, max_pairs)
 
 
