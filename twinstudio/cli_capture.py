@@ -152,7 +152,7 @@ class _events:
         self.session = session
 
     def __enter__(self):
-        from capture.dashboard import LiveDashboard, PlainLog
+        from twinstudio.capture_dashboard import LiveDashboard, PlainLog
 
         if self.plain:
             return PlainLog(console=_console())

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 from rich.console import Console
 
-from capture.dashboard import DashboardState, LiveDashboard, PlainLog, render_dashboard
+from twinstudio.capture_dashboard import DashboardState, LiveDashboard, PlainLog, render_dashboard
 from capture.events import (
     CameraUpdate,
     CaptureEvent,
