@@ -138,9 +138,21 @@ class SettingsProfile(_Strict):
     image_format: str = "JPEG Fine"
 
 
+#: a capture host's name: a plain identifier (it becomes the Ray resource ``capture-host:<name>``)
+HOST_NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_]*$"
+
+
+class HostSpec(_Strict):
+    """A capture PC of a rig spread over several hosts (``[[hosts]]``)."""
+
+    name: Annotated[str, Field(pattern=HOST_NAME_PATTERN, max_length=63)]
+    description: str = ""
+
+
 class CameraSpec(_Strict):
     id: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]+$")]
     driver: CameraDriver
+    host: str | None = None  # the capture host that drives it (rigs with [[hosts]])
     address: str | int | None = None
     serial: str | None = None
     resolution: tuple[Annotated[int, Field(gt=0)], Annotated[int, Field(gt=0)]]
@@ -165,6 +177,7 @@ class CameraSpec(_Strict):
 class LightSpec(_Strict):
     id: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]+$")]
     driver: LightDriver = "virtual"
+    host: str | None = None  # the capture host it is wired to (rigs with [[hosts]])
     kind: Literal["softbox", "spot", "fresnel", "panel", "ring"] = "softbox"
     position: Vec3
     power: float = Field(1.0, gt=0, description="relative output at level 1.0")
@@ -252,6 +265,7 @@ class QASettings(_Strict):
 
 class RigModel(_Strict):
     rig: RigInfo
+    hosts: list[HostSpec] = []
     volume: Volume = Volume()
     cameras: list[CameraSpec]
     lights: list[LightSpec] = []
@@ -281,6 +295,19 @@ class Rig:
     calibration = property(lambda self: self.model.calibration)
     virtual = property(lambda self: self.model.virtual)
     qa = property(lambda self: self.model.qa)
+
+    @property
+    def hosts(self) -> list[str]:
+        """Names of the capture hosts (``[[hosts]]``), in file order; empty for a single-host rig."""
+        return [h.name for h in self.model.hosts]
+
+    def cameras_by_host(self) -> dict[str, list[str]]:
+        """Camera ids of each capture host, in file order (empty for a single-host rig)."""
+        out: dict[str, list[str]] = {h: [] for h in self.hosts}
+        for c in self.model.cameras:
+            if c.host is not None:
+                out[c.host].append(c.id)
+        return out
 
     @cached_property
     def cameras(self) -> list[Camera]:
@@ -423,6 +450,25 @@ def _check_semantics(rig: Rig, data: dict, lines: _KeyLines, path: Path | str) -
 
     def fail(msg: str, loc: tuple, **kw: Any) -> None:
         raise RigError(msg, path=path, key=_dotted(loc, data), line=lines.find(loc), **kw)
+
+    hosts: dict[str, int] = {}
+    for i, h in enumerate(m.hosts):
+        if h.name in hosts:
+            fail(f"duplicate host name {h.name!r} (first at hosts[{hosts[h.name]}])", ("hosts", i, "name"))
+        hosts[h.name] = i
+    for i, c in enumerate(m.cameras):
+        if c.host is not None and c.host not in hosts:
+            declared = ", ".join(hosts) or "none: the rig has no [[hosts]]"
+            fail(f"camera {c.id!r} names host {c.host!r}, which is not in [[hosts]] (declared: {declared})",
+                 ("cameras", i, "host"), camera=c.id)
+        if hosts and c.host is None:
+            fail(f"camera {c.id!r} names no host; a rig with [[hosts]] needs 'host' on every camera "
+                 f"(one of {', '.join(hosts)})", ("cameras", i), camera=c.id)
+    for i, light in enumerate(m.lights):
+        if light.host is not None and light.host not in hosts:
+            declared = ", ".join(hosts) or "none: the rig has no [[hosts]]"
+            fail(f"light {light.id!r} names host {light.host!r}, which is not in [[hosts]] (declared: {declared})",
+                 ("lights", i, "host"), light=light.id)
 
     seen: dict[str, int] = {}
     for i, c in enumerate(m.cameras):

@@ -127,6 +127,36 @@ backdrop_rgb = [0.10, 0.55, 0.18]
     return head + "\n".join(cams) + "\n" + lights_block([{**li, "driver": "virtual"} for li in VIRTUAL_LIGHTS]) + PRESETS
 
 
+def split_over_hosts(text: str, name: str, description: str, hosts: dict[str, str],
+                     host_of: callable) -> str:
+    """A rig's text spread over capture hosts: ``[[hosts]]`` after ``[rig]`` and ``host = ...`` on each camera.
+
+    ``hosts`` maps host name -> description; ``host_of(n)`` names the host of the n-th camera (1-based).
+    Everything else (geometry, lenses, noise) stays byte for byte the same as the single-host rig."""
+    head, sep, rest = text.partition("\n[volume]")
+    swap = {"name = ": f'name = "{name}"', "description = ": f'description = "{description}"'}
+    head = "\n".join(next((v for k, v in swap.items() if ln.startswith(k)), ln) for ln in head.split("\n"))
+    host_tables = "".join(f'\n[[hosts]]\nname = "{h}"\ndescription = "{d}"\n' for h, d in hosts.items())
+    out, n = [], 0
+    for line in (sep + rest).split("\n"):
+        out.append(line)
+        if line == "[[cameras]]":
+            n += 1
+        elif line.startswith("driver = ") and n and out[-3] == "[[cameras]]":
+            out.append(f'host = "{host_of(n)}"')
+    return head + host_tables + "\n".join(out)
+
+
+def ring_24_two_hosts() -> str:
+    """virtual-ring-24 over two capture PCs: cam01-12 on host "a", cam13-24 on host "b"."""
+    text = ring_24().replace("# 24 virtual cameras in three rings of 8 around a 2 m capture volume.",
+                             "# virtual-ring-24 spread over two capture hosts: cam01-12 on \"a\", cam13-24 on \"b\".")
+    return split_over_hosts(text, "virtual-ring-24-2hosts",
+                            "Virtual studio: virtual-ring-24 over two capture hosts (12 cameras each)",
+                            {"a": "capture PC A: cam01-cam12", "b": "capture PC B: cam13-cam24"},
+                            lambda n: "a" if n <= 12 else "b")
+
+
 def dome_96() -> str:
     rng = np.random.default_rng(96)
     head = """# 96 virtual cameras on a dome (6 rings of elevations) around a 2 m capture volume.
@@ -292,7 +322,8 @@ frames = 60
 
 def main() -> None:
     LIB.mkdir(parents=True, exist_ok=True)
-    for name, text in [("virtual-ring-24", ring_24()), ("virtual-dome-96", dome_96()),
+    for name, text in [("virtual-ring-24", ring_24()), ("virtual-ring-24-2hosts", ring_24_two_hosts()),
+                       ("virtual-dome-96", dome_96()),
                        ("studio-gphoto2-48", studio_48()), ("webcams-4", webcams_4())]:
         (LIB / f"{name}.toml").write_text(text)
         print(f"wrote {LIB / name}.toml")

@@ -99,6 +99,18 @@ def test_webcams_4(rigs: dict[str, Rig]) -> None:
     assert [c.address for c in rig.camera_specs] == [0, 1, 2, 3]
 
 
+def test_ring_24_two_hosts_is_ring_24_split(rigs: dict[str, Rig]) -> None:
+    split, whole = rigs["virtual-ring-24-2hosts"], rigs["virtual-ring-24"]
+    assert split.hosts == ["a", "b"] and whole.hosts == [] and whole.cameras_by_host() == {}
+    assert split.cameras_by_host() == {"a": [f"cam{n:02d}" for n in range(1, 13)],
+                                       "b": [f"cam{n:02d}" for n in range(13, 25)]}
+    # the same cameras, lights and presets: only the hosts differ
+    assert all(c.host is None for c in whole.camera_specs)
+    assert [c.model_dump(exclude={"host"}) for c in split.camera_specs] == \
+        [c.model_dump(exclude={"host"}) for c in whole.camera_specs]
+    assert split.lights == whole.lights and split.presets == whole.presets
+
+
 def test_dome_96(rigs: dict[str, Rig]) -> None:
     rig = rigs["virtual-dome-96"]
     assert len(rig.cameras) == 96
@@ -171,6 +183,10 @@ levels = { key = 0.6, fill = 0.6 }
 [presets.olat]
 sequence = ["key", "fill"]
 """
+
+
+#: two capture hosts, put in front of BASE (top-level arrays of tables may come first)
+HOSTS = '[[hosts]]\nname = "a"\ndescription = "left PC"\n\n[[hosts]]\nname = "b"\n\n'
 
 
 def edit(*pairs: tuple[str, str]) -> str:
@@ -278,6 +294,33 @@ BROKEN = [
     ("undefined-motion-preset",
      edit(('preset = "flat"', 'preset = "dance"  # <-')),
      "motion.preset", "motion preset 'dance' is not defined"),
+    ("camera-names-undeclared-host",
+     HOSTS + edit(('id = "side"', 'id = "side"\nhost = "c"  # <-'),
+                  ('driver = "virtual"', 'driver = "virtual"\nhost = "a"')),
+     "cameras[1](id=side).host", "camera 'side' names host 'c', which is not in [[hosts]] (declared: a, b)"),
+    ("camera-names-host-without-hosts",
+     edit(('id = "side"', 'id = "side"\nhost = "a"  # <-')),
+     "cameras[1](id=side).host", "names host 'a', which is not in [[hosts]] (declared: none"),
+    ("camera-without-host-where-hosts-declared",
+     HOSTS + edit(('[[cameras]]\nid = "side"', '[[cameras]]  # <-\nid = "side"'),
+                  ('driver = "virtual"', 'driver = "virtual"\nhost = "a"')),
+     "cameras[1](id=side)", "camera 'side' names no host; a rig with [[hosts]] needs 'host' on every camera"),
+    ("light-names-undeclared-host",
+     HOSTS + edit(('driver = "virtual"', 'driver = "virtual"\nhost = "a"'), ('id = "side"', 'id = "side"\nhost = "b"'),
+                  ('id = "fill"', 'id = "fill"\nhost = "z"  # <-')),
+     "lights[1].host", "light 'fill' names host 'z', which is not in [[hosts]]"),
+    ("duplicate-host-name",
+     '[[hosts]]\nname = "a"\n\n[[hosts]]\nname = "a"  # <-\n' + BASE,
+     "hosts[1].name", "duplicate host name 'a'"),
+    ("host-name-not-an-identifier",
+     '[[hosts]]\nname = "pc 1"  # <-\n' + BASE,
+     "hosts[0].name", "should match pattern"),
+    ("host-without-name",
+     '[[hosts]]  # <-\ndescription = "the left PC"\n' + BASE,
+     "hosts[0].name", "missing required key 'name'"),
+    ("unknown-host-key",
+     '[[hosts]]\nname = "a"\naddress = "10.0.0.5"  # <-\n' + BASE,
+     "hosts[0].address", "unknown key 'address'"),
     ("marker-not-smaller-than-square",
      BASE + '\n[calibration.board]\nsquare = "5 cm"\nmarker = "6 cm"  # <-\n',
      "calibration.board.marker", "marker must be smaller than the square"),
@@ -300,6 +343,25 @@ def test_broken_rig(text: str, key: str | None, phrase: str) -> None:
     assert err.line == marked_line(text)
     assert phrase in err.reason
     assert err.path == Path("broken.toml")
+
+
+def test_hosts_are_optional_and_each_camera_and_light_names_its_host() -> None:
+    assert parse_rig(BASE).hosts == []  # no [[hosts]]: a single-host rig, as ever
+    rig = parse_rig(HOSTS + edit(('driver = "virtual"', 'driver = "virtual"\nhost = "b"'),
+                                 ('id = "side"', 'id = "side"\nhost = "a"'),
+                                 ('id = "key"', 'id = "key"\nhost = "a"')))
+    assert rig.hosts == ["a", "b"] and rig.model.hosts[0].description == "left PC"
+    assert rig.cameras_by_host() == {"a": ["side"], "b": ["front"]}
+    assert [(light.id, light.host) for light in rig.lights] == [("key", "a"), ("fill", None)]
+
+
+def test_host_errors_name_the_camera_or_light() -> None:
+    with pytest.raises(RigError) as ei:
+        parse_rig(HOSTS + edit(('driver = "virtual"', 'driver = "virtual"\nhost = "a"')))
+    assert ei.value.camera == "side"
+    with pytest.raises(RigError) as ei:
+        parse_rig(edit(('id = "key"', 'id = "key"\nhost = "a"')))
+    assert ei.value.light == "key"
 
 
 def test_rig_error_names_camera_and_light() -> None:
