@@ -38,6 +38,23 @@ class CameraUpdate:
     latency_s: float | None = None  # trigger to file on disk
     battery_pct: float | None = None
     error: str = ""
+    host: str = ""  # the capture host that drives it (multi-host rigs)
+
+
+HostState = Literal["starting", "ready", "firing", "ok", "down"]
+
+
+@dataclass(frozen=True)
+class HostUpdate:
+    """A capture host's agent (multi-host rigs): its cameras, state and the last frame's dispatch time."""
+
+    host: str
+    state: HostState
+    cameras: tuple[str, ...] = ()
+    take: str = ""
+    frame: int = -1
+    dispatch_ms: float | None = None  # head sends the frame's command -> the agent receives it
+    error: str = ""
 
 
 @dataclass(frozen=True)
@@ -74,4 +91,5 @@ class TakeFinished:
     seconds: float
 
 
-CaptureEvent = TakeStarted | FrameStarted | CameraUpdate | TakeProgress | QAWarning | Message | TakeFinished
+CaptureEvent = (TakeStarted | FrameStarted | CameraUpdate | HostUpdate | TakeProgress | QAWarning | Message
+                | TakeFinished)

@@ -7,6 +7,12 @@ per batch of arrivals). A camera that fails is retried with backoff by its
 worker; one that still fails is recorded as failed for that frame and the
 other cameras' frames are kept; ``reshoot`` fires only the missing ones.
 
+A rig with ``[[hosts]]`` runs over several capture PCs: each host's agent
+(capture.hosts, a Ray actor on that host) runs the camera pool of its
+cameras; the frames come back through Ray, are checked against the sha256
+their host computed, and are written and journaled here, on the head. It
+needs Ray connected in this process (``twinstudio capture ... --address``).
+
 Kinds of take: ``calibration`` (the ChArUco board at the rig's poses),
 ``plates`` (clean plates: the empty studio under every lighting step of the
 stills, for keying the subject's edges against the backdrop), ``stills``
@@ -28,10 +34,12 @@ from multiprocessing.connection import wait
 from pathlib import Path
 
 from capture.consent import require_consent
-from capture.events import CameraUpdate, CaptureEvent, FrameStarted, Message, QAWarning, TakeFinished, TakeProgress, TakeStarted
+from capture.events import (CameraUpdate, CaptureEvent, FrameStarted, HostUpdate, Message, QAWarning, TakeFinished,
+                            TakeProgress, TakeStarted)
+from capture.hosts import HostFleet, fleet_driver_fields
 from capture.qa import take_qa_flags
 from capture.session import FramePlan, Session, TakeRecord, recover
-from capture.worker import camera_worker
+from capture.worker import camera_worker, write_frame
 from rigs.drivers import light_driver
 from rigs.drivers.base import DriverOptions
 from rigs.errors import TwinstudioError
@@ -206,6 +214,13 @@ class CameraPool:
             self._selector = None
             sel.close()
 
+    def configure(self, profiles: dict[str, dict | None], timeout: float) -> dict[str, tuple]:
+        """Configure cameras from settings profiles (camera -> profile dict); returns each read-back."""
+        cams = [c for c in profiles if c in self.conns]
+        for c in cams:
+            self.conns[c].send(("configure", profiles[c]))
+        return {c: r for c, r in self.replies(cams, timeout)}
+
     def fire(self, commands: dict[str, tuple]) -> None:
         """Send every camera its shoot command, back to back (pickled once per camera)."""
         for cid, cmd in commands.items():
@@ -286,9 +301,12 @@ def run_take(session: Session, kind: str, options: CaptureOptions = CaptureOptio
             check_disk(session.path, estimate_take_bytes(rig, rig.camera_specs, len(frames)))
         drv = _driver_options(session, rig, kind, options, on_event)
         take_id = session.next_take_id(kind)
-        session.record([{"ev": "take_start", "take": take_id, "kind": kind,
-                         "cameras": [c.id for c in rig.camera_specs],
-                         "frames": [f.model_dump() for f in frames], "t": time.time()}])
+        start = {"ev": "take_start", "take": take_id, "kind": kind, "cameras": [c.id for c in rig.camera_specs],
+                 "frames": [f.model_dump() for f in frames], "t": time.time()}
+        if rig.hosts:
+            _require_ray(rig)
+            start["hosts"] = {c.id: c.host for c in rig.camera_specs}
+        session.record([start])
         return _shoot_take(session, take_id, None, drv, options, on_event)
 
 
@@ -309,9 +327,29 @@ def reshoot(session: Session, take_id: str, options: CaptureOptions = CaptureOpt
         if options.check_disk:
             specs = [s for s in rig.camera_specs if s.id in {c for c, _ in missing}]
             check_disk(session.path, estimate_take_bytes(rig, specs, len(take.frames)))
+        if rig.hosts:
+            _require_ray(rig)
         drv = _driver_options(session, rig, take.kind, options, on_event)
         session.record([{"ev": "take_reopen", "take": take_id, "t": time.time()}])
         return _shoot_take(session, take_id, set(missing), drv, options, on_event)
+
+
+def _require_ray(rig: Rig) -> None:
+    """A multi-host rig needs Ray connected in this process (the CLI connects; capture never does)."""
+    import ray
+
+    if not ray.is_initialized():
+        raise CaptureError(f"rig {rig.name!r} runs over capture hosts {', '.join(rig.hosts)}: Ray must be connected "
+                           "first; pass --address to 'twinstudio capture ...' (omitted: an embedded local Ray "
+                           "with every host on this machine), or call twinstudio.cluster.connect() around the take",
+                           rig=rig.name, hosts=rig.hosts)
+
+
+def _open_cameras(rig: Rig, specs: list[CameraSpec], drv: DriverOptions, options: CaptureOptions):
+    """The take's cameras: a local pool, or one agent per capture host for a rig with ``[[hosts]]``."""
+    if rig.hosts:
+        return HostFleet(rig, specs, fleet_driver_fields(drv), options.start_method)
+    return CameraPool(rig, specs, drv, options.start_method)
 
 
 def resume(session: Session, options: CaptureOptions = CaptureOptions(), *,
@@ -358,11 +396,17 @@ def _shoot_take(session: Session, take_id: str, only: set[tuple[str, int]] | Non
     try:
         for lt in lights:
             lt.open()
-        with CameraPool(rig, specs, drv, options.start_method) as pool:
+        with _open_cameras(rig, specs, drv, options) as pool:
+            fleet = pool if isinstance(pool, HostFleet) else None
+            host_of = {s.id: s.host or "" for s in specs}
+            if fleet is not None:
+                for h in fleet.hosts:
+                    emit(HostUpdate(h, "down" if h in fleet.down else "ready", tuple(fleet.by_host[h]), take_id,
+                                    error=fleet.down.get(h, "")))
             for cid, why in pool.unavailable.items():
                 session.record([{"ev": "frame_failed", "take": take_id, "camera": cid, "frame": f.index,
                                  "error": f"camera unavailable: {why}", "t": time.time()} for f in todo])
-                emit(CameraUpdate(cid, "disconnected", take_id, -1, error=why))
+                emit(CameraUpdate(cid, "disconnected", take_id, -1, error=why, host=host_of.get(cid, "")))
             try:
                 _settings_guard(session, rig, pool, emit)
             except CaptureError:
@@ -377,6 +421,11 @@ def _shoot_take(session: Session, take_id: str, only: set[tuple[str, int]] | Non
             gone: set[str] = set()  # cameras that disconnected during this take
             t0: float | None = None  # motion: when the take's clock started
             for f in todo:
+                if fleet is not None:  # cameras of a host that dropped out earlier in this take
+                    lost = [c for c in fleet.host_of if c not in pool.unavailable and fleet.down_reason(c)
+                            and (only is None or (c, f.index) in only)]
+                    session.record([{"ev": "frame_failed", "take": take_id, "camera": c, "frame": f.index,
+                                     "error": fleet.down_reason(c), "t": time.time()} for c in lost])
                 cams = [c for c in pool.cameras if only is None or (c, f.index) in only]
                 if gone & set(cams):
                     session.record([{"ev": "frame_failed", "take": take_id, "camera": c, "frame": f.index,
@@ -400,7 +449,10 @@ def _shoot_take(session: Session, take_id: str, only: set[tuple[str, int]] | Non
                     delay = t0 + f.time - time.monotonic()
                     if delay > 0:
                         time.sleep(delay)
-                done = _fire(session, pool, take, f, cams, qa, emit, done, total, gone)
+                if fleet is not None:
+                    done = _fire_hosts(session, fleet, take, f, cams, qa, emit, done, total)
+                else:
+                    done = _fire(session, pool, take, f, cams, qa, emit, done, total, gone)
         take, status, missing, skew = _end_take(session, take_id, rig)
     finally:
         for lt in lights:
@@ -477,7 +529,86 @@ def _fire(session: Session, pool: CameraPool, take: TakeRecord, f: FramePlan, ca
     return done
 
 
-def _settings_guard(session: Session, rig: Rig, pool: CameraPool, emit: EventSink) -> None:
+def _fire_hosts(session: Session, fleet: HostFleet, take: TakeRecord, f: FramePlan, cams: list[str], qa,
+                emit: EventSink, done: int, total: int) -> int:
+    """Fire one frame on every capture host at once; check, write and journal each host's frames as its
+    delivery arrives (sha256 checked against its host's, written here, one fsync of the journal per
+    host). A host that dies or does not answer is dropped: its cameras are missing for this frame and
+    the rest of the take, with a reason naming it. Returns frames done so far."""
+    rig = fleet.rig
+    request = {"take_id": take.id, "kind": take.kind, "frame": f.index, "step": f.step,
+               "clip_frame": f.clip_frame, "board_index": f.board_index}
+    retries, backoff = rig.trigger.retries, rig.trigger.backoff
+    timeout = rig.trigger.timeout * (retries + 1) + backoff * 2 ** (retries + 1) + 5.0
+    emit(FrameStarted(take.id, f.index, len(cams), f.step))
+    deliveries = fleet.shoot(request, cams, retries, backoff, qa, timeout)
+    for c in cams:
+        emit(CameraUpdate(c, "firing", take.id, f.index, host=fleet.host_of[c]))
+    dispatch: dict[str, dict[str, float]] = {}
+    for d in deliveries:
+        batch: list[dict] = []
+        updates: list[CaptureEvent] = []
+        hcams = [c for c in cams if fleet.host_of[c] == d.host]
+        if d.error:
+            fleet.drop(d.host, d.error)
+            why = fleet.down_reason(hcams[0]) if hcams else d.error
+            batch += [{"ev": "frame_failed", "take": take.id, "camera": c, "frame": f.index, "error": why}
+                      for c in hcams]
+            updates += [CameraUpdate(c, "disconnected", take.id, f.index, error=why, host=d.host) for c in hcams]
+            updates.append(HostUpdate(d.host, "down", tuple(fleet.by_host[d.host]), take.id, f.index, error=d.error))
+        else:
+            dispatch[d.host] = {"ms": d.dispatch_ms, "at": d.received}
+            updates += [CameraUpdate(c, "retrying", take.id, f.index, error=n["error"], host=d.host)
+                        for c, n in d.retries]
+            written = fleet.writer.map(lambda cr: _land(session, take.id, f.index, *cr), d.results.items())
+            for cid, (res, err) in zip(d.results, written):
+                if err is None:
+                    rec = {k: res.get(k) for k in ("sha256", "size", "trigger_time", "exposure_s", "download_s",
+                                                    "attempts", "qa")}
+                    rec["path"] = res["path"]
+                    batch.append({"ev": "frame", "take": take.id, "camera": cid, "frame": f.index, "record": rec})
+                    updates.append(CameraUpdate(cid, "ok", take.id, f.index, latency_s=res.get("latency_s"),
+                                                battery_pct=res.get("battery_pct"), host=d.host))
+                    updates += [QAWarning(take.id, cid, f.index, flag) for flag in (res.get("qa") or {}).get("flags", [])]
+                else:
+                    state = "disconnected" if res.get("disconnected") else "failed"
+                    batch.append({"ev": "frame_failed", "take": take.id, "camera": cid, "frame": f.index,
+                                  "error": err})
+                    updates.append(CameraUpdate(cid, state, take.id, f.index, error=err, host=d.host))
+            updates.append(HostUpdate(d.host, "ok", tuple(fleet.by_host[d.host]), take.id, f.index,
+                                      dispatch_ms=d.dispatch_ms))
+        now = time.time()
+        session.record([{**e, "t": now} for e in batch])  # group commit: one fsync per host's delivery
+        done += sum(1 for e in batch if e["ev"] == "frame")
+        for ev in updates:
+            emit(ev)
+        emit(TakeProgress(take.id, done, total))
+    if dispatch:
+        session.record([{"ev": "dispatch", "take": take.id, "frame": f.index, "hosts": dispatch, "t": time.time()}])
+    return done
+
+
+def _land(session: Session, take_id: str, frame: int, camera: str, res: dict) -> tuple[dict, str | None]:
+    """A frame that came from a capture host: check its sha256 against the host's, write it into the
+    session once. Returns (result with ``path`` relative to the session, None) or (result, error)."""
+    import hashlib
+
+    if not res.get("ok"):
+        return res, res.get("error", "failed")
+    data = res.pop("data")
+    got = hashlib.sha256(data).hexdigest()
+    if got != res["sha256"]:
+        return res, (f"sha256 mismatch on arrival from its host: {got[:12]}..., the host computed "
+                     f"{res['sha256'][:12]}... (damaged in transfer)")
+    try:
+        path, _ = write_frame(session.frame_stem(take_id, camera, frame), res["ext"], data)
+    except FileExistsError as e:
+        return res, str(e)
+    res["path"] = path.relative_to(session.path).as_posix()
+    return res, None
+
+
+def _settings_guard(session: Session, rig: Rig, pool: CameraPool | HostFleet, emit: EventSink) -> None:
     """Read every camera's settings back; correct mismatches; block the take if any remain."""
     profiles = {s.id: (rig.model.profiles.get(s.profile) if s.profile else None) for s in rig.camera_specs}
     cams = [c for c in pool.cameras if profiles.get(c) is not None]
@@ -487,11 +618,7 @@ def _settings_guard(session: Session, rig: Rig, pool: CameraPool, emit: EventSin
     wrong = {c: _mismatch(profiles[c], r) for c, r in read.items()}
     wrong = {c: m for c, m in wrong.items() if m}
     if wrong:
-        fixed = {}
-        for c in wrong:
-            pool.conns[c].send(("configure", profiles[c].model_dump()))
-        for c, r in pool.replies(list(wrong), rig.trigger.timeout):
-            fixed[c] = r
+        fixed = pool.configure({c: profiles[c].model_dump() for c in wrong}, rig.trigger.timeout)
         still = {c: _mismatch(profiles[c], r) for c, r in fixed.items()}
         still = {c: m for c, m in still.items() if m}
         session.record([{"ev": "settings", "camera": c, "readback": r[1] if r[0] == "settings" else {},
@@ -514,5 +641,5 @@ def _mismatch(profile, reply: tuple) -> list[str]:
     return [f"{k} is {got[k]!r}, profile says {v!r}" for k, v in want.items() if k in got and got[k] != v]
 
 
-__all__ = ["CameraPool", "CaptureError", "CaptureOptions", "estimate_take_bytes", "plan_frames",
+__all__ = ["CameraPool", "HostFleet", "CaptureError", "CaptureOptions", "estimate_take_bytes", "plan_frames",
            "prepare_virtual_studio", "reshoot", "resume", "run_take"]

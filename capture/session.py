@@ -111,6 +111,14 @@ class TakeRecord(BaseModel):
     failures: dict[str, dict[int, str]] = Field(default_factory=dict)  # camera -> frame -> last error
     skew_s: float | None = None
     qa_flags: list[str] = Field(default_factory=list)
+    hosts: dict[str, str] = Field(default_factory=dict)  # camera -> capture host (multi-host rigs only)
+    # multi-host rigs: frame -> host -> {"ms": head send to agent receipt, "at": agent's receipt, time.time()}
+    dispatch: dict[int, dict[str, dict[str, float]]] = Field(default_factory=dict)
+
+    def dispatch_spread_ms(self) -> dict[int, float]:
+        """Per frame fired on two or more hosts: the spread of the agents' receipt of the trigger, ms."""
+        return {i: (max(d["at"] for d in hs.values()) - min(d["at"] for d in hs.values())) * 1000.0
+                for i, hs in self.dispatch.items() if len(hs) >= 2}
 
     def missing(self) -> list[tuple[str, int]]:
         """(camera, frame) pairs of the plan without a file on record."""
@@ -382,7 +390,10 @@ def apply_event(m: SessionManifest | None, ev: dict) -> SessionManifest:
         raise SessionError(f"journal starts with {kind!r}, not with the session record")
     if kind == "take_start":
         m.takes[ev["take"]] = TakeRecord(id=ev["take"], kind=ev["kind"], cameras=ev["cameras"],
-                                         frames=[FramePlan(**f) for f in ev["frames"]], started_at=ev["t"])
+                                         frames=[FramePlan(**f) for f in ev["frames"]], started_at=ev["t"],
+                                         hosts=ev.get("hosts", {}))
+    elif kind == "dispatch":  # a frame's trigger reaching each capture host's agent
+        m.takes[ev["take"]].dispatch.setdefault(int(ev["frame"]), {}).update(ev["hosts"])
     elif kind == "frame":
         take = m.takes[ev["take"]]
         take.captured.setdefault(ev["camera"], {})[int(ev["frame"])] = FrameRecord(**ev["record"])

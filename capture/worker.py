@@ -8,7 +8,9 @@ Protocol over a multiprocessing Pipe (tuples, first item the command):
 * ``("shoot", request_dict, stem, retries, backoff_s, qa_dict | None)`` ->
   zero or more ``("retry", {error, attempt})`` then ``("shot", result_dict)``
   where result has ``ok``, and either the file's ``path``/``sha256``/``size``/
-  timings/``qa``, or ``error``/``disconnected``
+  timings/``qa``, or ``error``/``disconnected``. An empty ``stem`` (a capture
+  host's agent, see capture.hosts) writes nothing: the result carries the
+  bytes (``data``, ``ext``) and their ``sha256`` instead of a ``path``
 * ``("health",)`` -> ``("health", dict)``
 * ``("close",)`` -> ``("closed",)`` and the process ends
 
@@ -141,10 +143,14 @@ def _shoot(driver, conn, request: dict, stem: str, retries: int, backoff_s: floa
             info = driver.trigger(req)
             os.sched_yield()  # let the other cameras' workers fire before this one downloads and checks
             got = driver.fetch()
-            path, sha = write_frame(Path(stem), got.ext, got.data)
-            result = {"ok": True, "path": str(path), "sha256": sha, "size": len(got.data),
-                      "trigger_time": info.time, "exposure_s": info.exposure_s, "download_s": got.download_s,
-                      "attempts": attempt, "latency_s": time.time() - t_cmd}
+            if stem:
+                path, sha = write_frame(Path(stem), got.ext, got.data)
+                result = {"ok": True, "path": str(path), "sha256": sha}
+            else:  # a host agent's camera: the bytes travel to the head, which writes them into the session
+                result = {"ok": True, "data": got.data, "ext": got.ext,
+                          "sha256": hashlib.sha256(got.data).hexdigest()}
+            result.update({"size": len(got.data), "trigger_time": info.time, "exposure_s": info.exposure_s,
+                           "download_s": got.download_s, "attempts": attempt, "latency_s": time.time() - t_cmd})
             if qa is not None:  # no subject on a calibration take or a clean plate: no subject checks
                 result["qa"] = frame_qa(got.data, QASettings(**qa),
                                         expect_subject=req.kind not in ("calibration", "plates"))
