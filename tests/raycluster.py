@@ -124,6 +124,7 @@ class TwoNodeCluster:
 
         from twinstudio.cluster import host_resource
 
+        self.cpus = cpus
         self.cluster = Cluster(initialize_head=True, head_node_args={
             "num_cpus": cpus, "resources": {host_resource("a"): 1}, "node_ip_address": "127.0.0.1",
             "include_dashboard": False})
@@ -148,6 +149,36 @@ class TwoNodeCluster:
     def kill_node_b(self) -> None:
         """The second node dies: its raylet and workers are killed (SIGKILL), as when a PC loses power."""
         self.cluster.remove_node(self.b, allow_graceful=False)
+
+    def power_off_b(self) -> None:
+        """Node b loses power: every process of it (raylet, object store, Ray workers and whatever
+        they started) is killed with SIGKILL at once, then it is removed from the cluster.
+
+        :meth:`kill_node_b` kills the raylet; a Ray worker of that node can still answer one call
+        before it notices, as a process on a PC that lost power never would."""
+        import signal
+
+        import psutil
+
+        procs = []
+        for infos in self.b.all_processes.values():
+            for i in infos:
+                if i.process is not None:
+                    with contextlib.suppress(psutil.Error):
+                        p = psutil.Process(i.process.pid)
+                        procs += [p, *p.children(recursive=True)]
+        for p in procs:
+            with contextlib.suppress(psutil.Error):
+                p.send_signal(signal.SIGKILL)
+        self.cluster.remove_node(self.b, allow_graceful=False)
+
+    def add_node_b(self) -> None:
+        """A fresh node for capture host ``b`` (the PC is back after :meth:`kill_node_b`); waits until it is up."""
+        from twinstudio.cluster import host_resource
+
+        self.b = self.cluster.add_node(num_cpus=self.cpus, resources={host_resource("b"): 1},
+                                       node_ip_address="127.0.0.1")
+        self.cluster.wait_for_nodes()
 
     def shutdown(self) -> None:
         self.cluster.shutdown()

@@ -36,6 +36,7 @@ from rich.text import Text
 from capture.events import (
     CameraUpdate,
     CaptureEvent,
+    HostUpdate,
     Message,
     QAWarning,
     TakeFinished,
@@ -46,6 +47,7 @@ from capture.events import (
 __all__ = [
     "CameraStatus",
     "DashboardState",
+    "HostStatus",
     "LiveDashboard",
     "PlainLog",
     "TakeStatus",
@@ -65,6 +67,10 @@ STATE_STYLES: dict[str, str] = {
     "disconnected": "bold red",
     "idle": "dim",
 }
+
+#: Colour of each capture host state.
+HOST_STYLES: dict[str, str] = {"starting": "dim", "ready": "cyan", "firing": "yellow", "ok": "green",
+                               "down": "bold red"}
 
 MESSAGE_STYLES: dict[str, str] = {"info": "cyan", "warning": "yellow", "error": "bold red"}
 
@@ -113,6 +119,18 @@ class CameraStatus:
 
 
 @dataclass
+class HostStatus:
+    """A capture host of a multi-host rig: its cameras, its agent's state, its last frame's dispatch."""
+
+    host: str
+    cameras: tuple[str, ...] = ()
+    state: str = "starting"
+    dispatch_ms: float | None = None  # head sent the last frame's command -> the agent received it
+    last_frame: int | None = None
+    error: str = ""
+
+
+@dataclass
 class TakeStatus:
     """The take the dashboard is following. Times are ``clock()`` readings (s)."""
 
@@ -147,6 +165,7 @@ class DashboardState:
         self.clock = clock
         self.session = session
         self.cameras: dict[str, CameraStatus] = {}
+        self.hosts: dict[str, HostStatus] = {}  # multi-host rigs only
         self.take: TakeStatus | None = None
         self.qa_warnings: deque[QAWarning] = deque(maxlen=keep)
         self.messages: deque[Message] = deque(maxlen=keep)
@@ -161,6 +180,15 @@ class DashboardState:
             self._take_started(event)
         elif isinstance(event, CameraUpdate):
             self._camera_update(event)
+        elif isinstance(event, HostUpdate):
+            host = self.hosts.setdefault(event.host, HostStatus(event.host))
+            host.state = event.state
+            host.cameras = event.cameras or host.cameras
+            if event.dispatch_ms is not None:
+                host.dispatch_ms = event.dispatch_ms
+            if event.frame >= 0:
+                host.last_frame = event.frame
+            host.error = event.error
         elif isinstance(event, TakeProgress):
             take = self._take_for(event.take)
             take.done, take.total, take.missing = event.done, event.total, event.missing
@@ -370,6 +398,27 @@ def _camera_grid(state: DashboardState, width: int) -> RenderableType:
     return Group(*lines)
 
 
+def _hosts(state: DashboardState) -> RenderableType:
+    """One line per capture host: state, cameras, last dispatch time, last frame, why it is down."""
+    lines = []
+    for h in state.hosts.values():
+        n = len(h.cameras)
+        line = Text.assemble((h.host, "bold"), " ", (h.state, HOST_STYLES.get(h.state, "magenta")),
+                             f" · {n} camera{'s' if n != 1 else ''}")
+        if h.dispatch_ms is not None:
+            line.append(f" · dispatch {h.dispatch_ms:.1f} ms", style="cyan")
+        if h.last_frame is not None:
+            line.append(f" · frame {h.last_frame}")
+        if h.cameras:
+            first, last = h.cameras[0], h.cameras[-1]
+            line.append(f" · {first}–{last}" if n > 1 else f" · {first}", style="dim")
+        if h.error:
+            line.append(f": {h.error}", style="red")
+        line.no_wrap, line.overflow = True, "ellipsis"
+        lines.append(line)
+    return Group(*lines)
+
+
 def _problems(state: DashboardState) -> RenderableType | None:
     bad = [c for c in state.cameras.values() if c.state in FAILURE_STATES]
     if not bad:
@@ -438,6 +487,9 @@ def render_dashboard(state: DashboardState, width: int | None = None) -> Rendera
         return _AutoWidth(state)
     width = max(20, width)
     parts: list[RenderableType] = [_header(state, width)]
+    if state.hosts:
+        parts.append(Rule(f"Hosts ({len(state.hosts)}) · dispatch: head to agent", align="left", style="dim"))
+        parts.append(_hosts(state))
     legend = "ms latency · f frames · x failures · battery"
     parts.append(Rule(f"Cameras ({len(state.cameras)}) · {legend}", align="left", style="dim"))
     parts.append(_camera_grid(state, width))
@@ -593,6 +645,15 @@ class PlainLog:
             self._progress_logged[event.take] = step
             text = Text(f"take {event.take} progress {pct:.0f}% ({event.done}/{event.total}")
             text.append(f", {event.missing} missing)" if event.missing else ")")
+            return text
+        if isinstance(event, HostUpdate):
+            if event.state not in ("ready", "down"):
+                return None
+            text = Text(f"host {event.host} ")
+            text.append(event.state, style=HOST_STYLES[event.state])
+            text.append(f" ({len(event.cameras)} cameras)")
+            if event.error:
+                text.append(f": {event.error}")
             return text
         if isinstance(event, QAWarning):
             return Text.assemble(
