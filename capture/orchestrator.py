@@ -555,7 +555,8 @@ def _fire_hosts(session: Session, fleet: HostFleet, take: TakeRecord, f: FramePl
             batch += [{"ev": "frame_failed", "take": take.id, "camera": c, "frame": f.index, "error": why}
                       for c in hcams]
             updates += [CameraUpdate(c, "disconnected", take.id, f.index, error=why, host=d.host) for c in hcams]
-            updates.append(HostUpdate(d.host, "down", tuple(fleet.by_host[d.host]), take.id, f.index, error=d.error))
+            updates.append(HostUpdate(d.host, "down", tuple(fleet.by_host[d.host]), take.id, f.index,
+                                      error=d.error))
         else:
             dispatch[d.host] = {"ms": d.dispatch_ms, "at": d.received}
             updates += [CameraUpdate(c, "retrying", take.id, f.index, error=n["error"], host=d.host)
@@ -569,7 +570,8 @@ def _fire_hosts(session: Session, fleet: HostFleet, take: TakeRecord, f: FramePl
                     batch.append({"ev": "frame", "take": take.id, "camera": cid, "frame": f.index, "record": rec})
                     updates.append(CameraUpdate(cid, "ok", take.id, f.index, latency_s=res.get("latency_s"),
                                                 battery_pct=res.get("battery_pct"), host=d.host))
-                    updates += [QAWarning(take.id, cid, f.index, flag) for flag in (res.get("qa") or {}).get("flags", [])]
+                    updates += [QAWarning(take.id, cid, f.index, flag)
+                                for flag in (res.get("qa") or {}).get("flags", [])]
                 else:
                     state = "disconnected" if res.get("disconnected") else "failed"
                     batch.append({"ev": "frame_failed", "take": take.id, "camera": cid, "frame": f.index,
@@ -584,7 +586,8 @@ def _fire_hosts(session: Session, fleet: HostFleet, take: TakeRecord, f: FramePl
             emit(ev)
         emit(TakeProgress(take.id, done, total))
     if dispatch:
-        session.record([{"ev": "dispatch", "take": take.id, "frame": f.index, "hosts": dispatch, "t": time.time()}])
+        session.record([{"ev": "dispatch", "take": take.id, "frame": f.index, "hosts": dispatch,
+                         "t": time.time()}])
     return done
 
 

@@ -17,6 +17,9 @@ SessionOpt = Annotated[Path, typer.Option("--session", help="Session folder.")]
 PlainOpt = Annotated[bool, typer.Option("--plain", help="Log lines instead of the live dashboard.")]
 RigOpt = Annotated[Optional[str], typer.Option("--rig", help="Rig file or library name (must match the session's).")]
 FramesOpt = Annotated[Optional[int], typer.Option(help="Frames of a motion take (default: the rig's).")]
+AddressOpt = Annotated[Optional[str], typer.Option(
+    "--address", help="Ray cluster (HOST:PORT) whose nodes are the rig's capture hosts ([[hosts]] in the rig "
+                      "file). Omitted: an embedded local Ray with every host on this machine.")]
 
 
 def _console():
@@ -197,11 +200,25 @@ def _writing(s):
     return s.writing(command=_command())
 
 
-def _take(kind: str, session: Path, rig, frames, plain, *sim) -> None:
+def _ray(s, address: str | None):
+    """Ray for a rig over several capture hosts (a cluster's address, or an embedded Ray on this machine
+    with every host's resource); nothing for a single-host rig unless an address is given."""
+    import contextlib
+
+    hosts = s.rig.hosts
+    if not hosts and address is None:
+        return contextlib.nullcontext()
+    from capture.hosts import host_resource
+    from twinstudio.cluster import connect
+
+    return connect(address, resources={host_resource(h): 1 for h in hosts} if address is None else None)
+
+
+def _take(kind: str, session: Path, rig, frames, plain, address, *sim) -> None:
     from capture.orchestrator import run_take
 
     s = _open(session, rig)
-    with _writing(s), _events(plain, session) as on_event:
+    with _writing(s), _ray(s, address), _events(plain, session) as on_event:
         rec = run_take(s, kind, _options(frames, *sim), on_event=on_event)
     _summary(rec)
 
@@ -235,51 +252,54 @@ def capture_start(
 
 
 @capture_app.command("calibrate")
-def capture_calibrate(session: SessionOpt, rig: RigOpt = None, plain: PlainOpt = False, sim_latency: SimLatency = 0.0,
-                      sim_jitter: SimJitter = 0.0, sim_failure_rate: SimFail = 0.0, sim_disconnect_after: SimDisc = None,
-                      virtual_source: VSource = "render", render_scale: RScale = 1.0) -> None:
+def capture_calibrate(session: SessionOpt, rig: RigOpt = None, address: AddressOpt = None, plain: PlainOpt = False,
+                      sim_latency: SimLatency = 0.0, sim_jitter: SimJitter = 0.0, sim_failure_rate: SimFail = 0.0,
+                      sim_disconnect_after: SimDisc = None, virtual_source: VSource = "render",
+                      render_scale: RScale = 1.0) -> None:
     """Shoot the ChArUco board at the rig's calibration poses (virtual: placed by the studio)."""
-    _take("calibration", session, rig, None, plain, sim_latency, sim_jitter, sim_failure_rate,
+    _take("calibration", session, rig, None, plain, address, sim_latency, sim_jitter, sim_failure_rate,
           sim_disconnect_after, virtual_source, render_scale)
 
 
 @capture_app.command("plates")
-def capture_plates(session: SessionOpt, rig: RigOpt = None, plain: PlainOpt = False, sim_latency: SimLatency = 0.0,
-                   sim_jitter: SimJitter = 0.0, sim_failure_rate: SimFail = 0.0, sim_disconnect_after: SimDisc = None,
-                   virtual_source: VSource = "render", render_scale: RScale = 1.0) -> None:
+def capture_plates(session: SessionOpt, rig: RigOpt = None, address: AddressOpt = None, plain: PlainOpt = False,
+                   sim_latency: SimLatency = 0.0, sim_jitter: SimJitter = 0.0, sim_failure_rate: SimFail = 0.0,
+                   sim_disconnect_after: SimDisc = None, virtual_source: VSource = "render",
+                   render_scale: RScale = 1.0) -> None:
     """Shoot clean plates: the empty studio from every camera under each lighting step of the stills.
 
     Clear the stage first (a hardware rig asks for it before the first frame); the plates let
     the subject's edges be separated from the backdrop later.
     """
-    _take("plates", session, rig, None, plain, sim_latency, sim_jitter, sim_failure_rate, sim_disconnect_after,
-          virtual_source, render_scale)
+    _take("plates", session, rig, None, plain, address, sim_latency, sim_jitter, sim_failure_rate,
+          sim_disconnect_after, virtual_source, render_scale)
 
 
 @capture_app.command("stills")
-def capture_stills(session: SessionOpt, rig: RigOpt = None, plain: PlainOpt = False, sim_latency: SimLatency = 0.0,
-                   sim_jitter: SimJitter = 0.0, sim_failure_rate: SimFail = 0.0, sim_disconnect_after: SimDisc = None,
-                   virtual_source: VSource = "render", render_scale: RScale = 1.0) -> None:
-    """Shoot every camera under every lighting preset step."""
-    _take("stills", session, rig, None, plain, sim_latency, sim_jitter, sim_failure_rate, sim_disconnect_after,
-          virtual_source, render_scale)
-
-
-@capture_app.command("motion")
-def capture_motion(session: SessionOpt, rig: RigOpt = None, frames: FramesOpt = None, plain: PlainOpt = False,
+def capture_stills(session: SessionOpt, rig: RigOpt = None, address: AddressOpt = None, plain: PlainOpt = False,
                    sim_latency: SimLatency = 0.0, sim_jitter: SimJitter = 0.0, sim_failure_rate: SimFail = 0.0,
                    sim_disconnect_after: SimDisc = None, virtual_source: VSource = "render",
                    render_scale: RScale = 1.0) -> None:
+    """Shoot every camera under every lighting preset step."""
+    _take("stills", session, rig, None, plain, address, sim_latency, sim_jitter, sim_failure_rate,
+          sim_disconnect_after, virtual_source, render_scale)
+
+
+@capture_app.command("motion")
+def capture_motion(session: SessionOpt, rig: RigOpt = None, address: AddressOpt = None, frames: FramesOpt = None,
+                   plain: PlainOpt = False, sim_latency: SimLatency = 0.0, sim_jitter: SimJitter = 0.0,
+                   sim_failure_rate: SimFail = 0.0, sim_disconnect_after: SimDisc = None,
+                   virtual_source: VSource = "render", render_scale: RScale = 1.0) -> None:
     """Shoot synchronised frames at the rig's fps."""
-    _take("motion", session, rig, frames, plain, sim_latency, sim_jitter, sim_failure_rate, sim_disconnect_after,
-          virtual_source, render_scale)
+    _take("motion", session, rig, frames, plain, address, sim_latency, sim_jitter, sim_failure_rate,
+          sim_disconnect_after, virtual_source, render_scale)
 
 
 @capture_app.command("run")
-def capture_run(session: SessionOpt, rig: RigOpt = None, frames: FramesOpt = None, plain: PlainOpt = False,
-                sim_latency: SimLatency = 0.0, sim_jitter: SimJitter = 0.0, sim_failure_rate: SimFail = 0.0,
-                sim_disconnect_after: SimDisc = None, virtual_source: VSource = "render",
-                render_scale: RScale = 1.0) -> None:
+def capture_run(session: SessionOpt, rig: RigOpt = None, address: AddressOpt = None, frames: FramesOpt = None,
+                plain: PlainOpt = False, sim_latency: SimLatency = 0.0, sim_jitter: SimJitter = 0.0,
+                sim_failure_rate: SimFail = 0.0, sim_disconnect_after: SimDisc = None,
+                virtual_source: VSource = "render", render_scale: RScale = 1.0) -> None:
     """The scripted session: calibrate, clean plates of the empty studio, stills, motion."""
     from capture.orchestrator import prepare_virtual_studio, run_take
 
@@ -288,7 +308,7 @@ def capture_run(session: SessionOpt, rig: RigOpt = None, frames: FramesOpt = Non
                     render_scale)
     recs = []
     kinds = ("calibration", "plates", "stills", "motion")
-    with _writing(s), _events(plain, session) as on_event:
+    with _writing(s), _ray(s, address), _events(plain, session) as on_event:
         if s.rig.is_virtual and virtual_source == "render":
             prepare_virtual_studio(s, kinds, opts, on_event)
         for kind in kinds:
@@ -330,13 +350,13 @@ def capture_status(session: SessionOpt) -> None:
 
 
 @capture_app.command("resume")
-def capture_resume(session: SessionOpt, plain: PlainOpt = False, virtual_source: VSource = "render",
-                   render_scale: RScale = 1.0) -> None:
+def capture_resume(session: SessionOpt, plain: PlainOpt = False, address: AddressOpt = None,
+                   virtual_source: VSource = "render", render_scale: RScale = 1.0) -> None:
     """After a crash: rebuild the manifest from journal and files, then finish interrupted takes."""
     from capture.orchestrator import resume
 
     s = _open(session, None)
-    with _writing(s), _events(plain, session) as on_event:
+    with _writing(s), _ray(s, address), _events(plain, session) as on_event:
         out = resume(s, _options(None, 0.0, 0.0, 0.0, None, virtual_source, render_scale), on_event=on_event)
     _console().print(f"resumed {escape(str(session))}: {out['adopted']} adopted, {out['discarded']} discarded, "
                      f"{out['lost']} lost; completed takes: {', '.join(out['completed']) or 'none'}"
@@ -369,13 +389,14 @@ def capture_repair(session: SessionOpt) -> None:
 
 @capture_app.command("reshoot")
 def capture_reshoot(take: Annotated[str, typer.Argument(help="Take id, e.g. stills-002.")], session: SessionOpt,
-                    plain: PlainOpt = False, sim_latency: SimLatency = 0.0, sim_failure_rate: SimFail = 0.0,
+                    plain: PlainOpt = False, address: AddressOpt = None, sim_latency: SimLatency = 0.0,
+                    sim_failure_rate: SimFail = 0.0,
                     virtual_source: VSource = "render", render_scale: RScale = 1.0) -> None:
     """Fire only the cameras (and frames) a take is missing."""
     from capture.orchestrator import reshoot
 
     s = _open(session, None)
-    with _writing(s), _events(plain, session) as on_event:
+    with _writing(s), _ray(s, address), _events(plain, session) as on_event:
         rec = reshoot(s, take, _options(None, sim_latency, 0.0, sim_failure_rate, None, virtual_source,
                                         render_scale), on_event=on_event)
     _summary(rec)
