@@ -215,6 +215,13 @@ def _trainer_class():
             self.resume_state = None
             self._start_step = int(state["step"]) + 1
             self.pipeline.load_pipeline(state["pipeline"], state["step"])
+            # loading resizes the Gaussians to the checkpoint's count as new Parameters; the optimizers
+            # (and the densification callbacks holding them) still point at the old ones: re-point them
+            # in place, else the first step after a resume past a densification fails on a size mismatch
+            for name, params in self.pipeline.get_param_groups().items():
+                if name in self.optimizers.optimizers:
+                    self.optimizers.optimizers[name].param_groups[0]["params"] = list(params)
+                    self.optimizers.parameters[name] = list(params)
             self.optimizers.load_optimizers(state["optimizers"])
             if "schedulers" in state and self.config.load_scheduler:
                 self.optimizers.load_schedulers(state["schedulers"])

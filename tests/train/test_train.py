@@ -562,6 +562,29 @@ def test_resume_continues_from_the_checkpoint(scene, trained):
     assert "eval" not in more.metrics
 
 
+def test_resume_after_the_gaussians_were_densified(scene, dataset):
+    # a checkpoint taken after densification holds a different number of Gaussians than the model is
+    # built with; loading it makes new Parameters, and the optimizers must follow them: before the fix
+    # they kept the old ones, so a resumed run trained nothing (and failed at its next densification)
+    from train.config import load_checkpoint
+    from train.runner import TrainOptions, latest_checkpoint, run_training
+
+    first = run_training(scene, TrainOptions(device="cpu", iterations=100, downscale=4, run="dens", save_every=100,
+                                             evaluate=False, exports=False))
+    counts = {h["gaussians"] for h in first.metrics["history"]}
+    assert len(counts) > 1, "no densification or culling happened before the checkpoint"
+    ckpts = scene / "train" / "dens" / "nerfstudio_models"
+    before = load_checkpoint(latest_checkpoint(ckpts))["pipeline"]["_model.gauss_params.means"].clone()
+    more = run_training(scene, TrainOptions(device="cpu", iterations=110, downscale=4, run="dens", evaluate=False,
+                                            exports=False))
+    assert more.start_step == 100 and more.metrics["steps_this_run"] == 10
+    assert more.metrics["history"][0]["gaussians"] == first.metrics["history"][-1]["gaussians"]
+    after = load_checkpoint(latest_checkpoint(ckpts))["pipeline"]["_model.gauss_params.means"]
+    assert after.shape == before.shape
+    moved = (after - before).norm(dim=1)
+    assert float((moved > 1e-6).float().mean()) > 0.5, "the resumed run did not move the Gaussians"
+
+
 def _no_nan(word: str):
     raise AssertionError(f"a file holds {word}")
 
