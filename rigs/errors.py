@@ -35,6 +35,18 @@ class TwinstudioError(Exception):
     def __str__(self) -> str:  # the message already names the facts
         return self.message
 
+    def __reduce__(self):
+        # subclasses take their own keyword arguments: rebuild from the state, not by calling __init__
+        # (errors cross process boundaries: a Ray task's error reaches the batch's driver pickled)
+        return _rebuild_error, (type(self), self.message, self.__dict__)
+
+
+def _rebuild_error(cls: type, message: str, state: dict) -> TwinstudioError:
+    err = cls.__new__(cls)
+    Exception.__init__(err, message)
+    err.__dict__.update(state)
+    return err
+
 
 class RigError(TwinstudioError):
     """A rig file is invalid: names the file, the dotted key and the line."""
