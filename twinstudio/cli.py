@@ -38,6 +38,7 @@ from twinstudio.cli_capture import capture_app, consent_app  # noqa: E402 - need
 from twinstudio.cli_reconstruct import reconstruct_app  # noqa: E402
 from twinstudio.cli_train import train_app  # noqa: E402
 from twinstudio.cli_handoff import bundle_cmd, keys_app, revocations_app, verify_cmd  # noqa: E402
+from twinstudio.cli_batch import batch_cmd, cluster_app  # noqa: E402
 
 app.add_typer(consent_app, name="consent")
 app.add_typer(capture_app, name="capture")
@@ -47,6 +48,8 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(revocations_app, name="revocations")
 app.command("bundle")(bundle_cmd)
 app.command("verify")(verify_cmd)
+app.command("batch")(batch_cmd)
+app.add_typer(cluster_app, name="cluster")
 
 DEFAULT_RIG = "virtual-ring-24"
 
