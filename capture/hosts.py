@@ -32,8 +32,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from rigs.errors import TwinstudioError
-
 #: prefix of the custom resource that a capture host's Ray node offers (one unit)
 HOST_RESOURCE_PREFIX = "capture-host:"
 
@@ -46,36 +44,29 @@ def host_resource(host: str) -> str:
     return f"{HOST_RESOURCE_PREFIX}{host}"
 
 
-class HostError(TwinstudioError):
-    """A capture host cannot be reached or dropped out (exit code 2): names the host."""
-
-    exit_code = 2
-
-
 class HostAgent:
     """One capture host's agent (a Ray actor on that host): the camera pool of the host's cameras.
 
-    Built from plain values (the rig file's text, the driver options as a dict) so that nothing of
-    the head's in-memory state is shipped; :meth:`open` starts the pool."""
+    One agent per host and take: :meth:`open` starts the pool of the take's cameras on the host,
+    :meth:`close` ends it, and the head then kills the actor, which frees the host's resource."""
 
-    def __init__(self, host: str, rig_text: str, rig_path: str, cameras: list[str], driver: dict[str, Any],
-                 start_method: str = "fork") -> None:
+    def __init__(self, host: str) -> None:
         self.host = host
-        self.rig_text, self.rig_path = rig_text, rig_path
-        self.camera_ids = list(cameras)
-        self.driver = dict(driver)
-        self.start_method = start_method
         self.pool = None
 
-    def open(self) -> dict[str, Any]:
-        """Start one worker process per camera; returns the cameras ready and those unavailable (why)."""
+    def open(self, rig_text: str, rig_path: str, cameras: list[str], driver: dict[str, Any],
+             start_method: str = "fork") -> dict[str, Any]:
+        """Start one worker process per camera of a take (closing the last take's first); returns the
+        cameras ready and those unavailable (why). The rig comes as its file's text and the driver
+        options as a dict, so nothing of the head's in-memory state is shipped."""
         from capture.orchestrator import CameraPool
         from rigs.drivers.base import DriverOptions
         from rigs.rigfile import parse_rig
 
-        rig = parse_rig(self.rig_text, self.rig_path)
-        specs = [s for s in rig.camera_specs if s.id in set(self.camera_ids)]
-        self.pool = CameraPool(rig, specs, DriverOptions(rig=rig, **self.driver), self.start_method)
+        self.close()
+        rig = parse_rig(rig_text, rig_path)
+        specs = [s for s in rig.camera_specs if s.id in set(cameras)]
+        self.pool = CameraPool(rig, specs, DriverOptions(rig=rig, **driver), start_method)
         self.pool.__enter__()
         return {"host": self.host, "cameras": self.pool.cameras, "unavailable": dict(self.pool.unavailable),
                 "pid": os.getpid()}
@@ -119,6 +110,42 @@ class HostAgent:
         return True
 
 
+class HostAgents:
+    """Host agents kept between takes (``capture run``, a benchmark): one per host, started on first
+    use, ended on exit. Without one (``CaptureOptions.agents`` None) each take starts its own agents
+    and ends them, which costs a Ray worker's start per host and take."""
+
+    def __init__(self) -> None:
+        self.handles: dict[str, Any] = {}
+
+    def get(self, host: str):
+        """The agent of ``host``, started (pinned by its resource) if this holds none."""
+        import ray
+
+        if host not in self.handles:
+            actor = ray.remote(num_cpus=0, max_restarts=0)(HostAgent)
+            self.handles[host] = actor.options(resources={host_resource(host): 1}).remote(host)
+        return self.handles[host]
+
+    def forget(self, host: str) -> None:
+        """End ``host``'s agent (it died, or hangs); the next :meth:`get` starts a fresh one."""
+        import ray
+
+        agent = self.handles.pop(host, None)
+        if agent is not None:
+            try:
+                ray.kill(agent, no_restart=True)
+            except Exception:  # noqa: BLE001 - an agent whose node is gone cannot be killed twice
+                pass
+
+    def __enter__(self) -> HostAgents:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for host in list(self.handles):
+            self.forget(host)
+
+
 def alive_host_resources() -> set[str]:
     """The capture hosts some alive node of the connected Ray cluster stands for."""
     import ray
@@ -156,7 +183,7 @@ class HostFleet:
     fired with :meth:`shoot`. Needs ``ray.is_initialized()``."""
 
     def __init__(self, rig, cameras: list, driver: dict[str, Any], start_method: str = "fork",
-                 writers: int = 8) -> None:
+                 agents: HostAgents | None = None, writers: int | None = None) -> None:
         self.rig = rig
         self.host_of = {c.id: c.host for c in cameras}
         self.by_host: dict[str, list[str]] = {}
@@ -164,16 +191,18 @@ class HostFleet:
             self.by_host.setdefault(c.host, []).append(c.id)
         self.driver = driver
         self.start_method = start_method
+        self.keeper = agents if agents is not None else HostAgents()
+        self.own_agents = agents is None  # ended with this take
         self.agents: dict[str, Any] = {}
         self.ready: dict[str, list[str]] = {}  # host -> its cameras that opened
         self.unavailable: dict[str, str] = {}  # camera -> why
         self.down: dict[str, str] = {}  # host -> why it dropped out (this take)
-        self.writer = ThreadPoolExecutor(max_workers=writers, thread_name_prefix="frame-writer")
+        # frames arriving from the hosts are written (temp, fsync, rename) in parallel, as the workers of a
+        # single-host take write theirs: one thread per camera, so the fsyncs overlap as theirs do
+        self.writer = ThreadPoolExecutor(max_workers=writers or max(1, min(64, len(cameras))),
+                                         thread_name_prefix="frame-writer")
 
     def __enter__(self) -> HostFleet:
-        import ray
-
-        actor = ray.remote(num_cpus=0, max_restarts=0)(HostAgent)
         alive = alive_host_resources()
         text = self.rig.path.read_text(encoding="utf-8")
         opening = {}
@@ -181,14 +210,16 @@ class HostFleet:
             if host not in alive:
                 self._host_down(host, f"no alive Ray node offers {host_resource(host)} (is 'ray start' with "
                                       "that resource running on the host?)")
+                self.keeper.forget(host)
                 continue
-            self.agents[host] = actor.options(resources={host_resource(host): 1}, name=None).remote(
-                host, text, str(self.rig.path), cams, self.driver, self.start_method)
-            opening[self.agents[host].open.remote()] = host
+            self.agents[host] = self.keeper.get(host)
+            opening[self.agents[host].open.remote(text, str(self.rig.path), cams, self.driver,
+                                                  self.start_method)] = host
         deadline = time.monotonic() + max(self.rig.trigger.timeout, 5.0) + OPEN_GRACE_S
         for host, reply in self._gather(opening, deadline):
             if isinstance(reply, str):
                 self._host_down(host, reply)
+                self.keeper.forget(host)
             else:
                 self.ready[host] = list(reply["cameras"])
                 for cid, why in reply["unavailable"].items():
@@ -196,16 +227,15 @@ class HostFleet:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        import ray
-
+        """Close every host's cameras; then end the agents (their hosts' resources are free again),
+        unless they were lent by a :class:`HostAgents` for the takes to come. One that does not close
+        in time is ended in any case."""
         closing = {self.agents[h].close.remote(): h for h in self.agents if h not in self.down}
-        for _ in self._gather(closing, time.monotonic() + 15.0):
-            pass
-        for agent in self.agents.values():
-            try:
-                ray.kill(agent, no_restart=True)
-            except Exception:  # noqa: BLE001 - an agent whose node is gone cannot be killed twice
-                pass
+        for host, reply in self._gather(closing, time.monotonic() + 15.0):
+            if reply is not True:
+                self.keeper.forget(host)
+        if self.own_agents:
+            self.keeper.__exit__(None, None, None)
         self.writer.shutdown(wait=True)
 
     def _host_down(self, host: str, why: str) -> None:
@@ -215,17 +245,10 @@ class HostFleet:
             self.unavailable.setdefault(cid, f"host {host} is down: {why}")
 
     def drop(self, host: str, why: str) -> None:
-        """The host dropped out of this take: its cameras are missing from now on; its agent is killed."""
-        import ray
-
+        """The host dropped out of this take: its cameras are missing from now on; its agent is ended."""
         self.down[host] = why
         self.ready.pop(host, None)
-        agent = self.agents.get(host)
-        if agent is not None:
-            try:
-                ray.kill(agent, no_restart=True)
-            except Exception:  # noqa: BLE001 - the node may be gone already
-                pass
+        self.keeper.forget(host)
 
     @property
     def cameras(self) -> list[str]:
@@ -313,5 +336,5 @@ def fleet_driver_fields(options) -> dict[str, Any]:
     return {f.name: getattr(options, f.name) for f in fields(options) if f.name != "rig"}
 
 
-__all__ = ["FrameDelivery", "HOST_RESOURCE_PREFIX", "HostAgent", "HostError", "HostFleet",
+__all__ = ["FrameDelivery", "HOST_RESOURCE_PREFIX", "HostAgent", "HostAgents", "HostFleet",
            "alive_host_resources", "fleet_driver_fields", "host_resource"]

@@ -36,7 +36,7 @@ from pathlib import Path
 from capture.consent import require_consent
 from capture.events import (CameraUpdate, CaptureEvent, FrameStarted, HostUpdate, Message, QAWarning, TakeFinished,
                             TakeProgress, TakeStarted)
-from capture.hosts import HostFleet, fleet_driver_fields
+from capture.hosts import HostAgents, HostFleet, fleet_driver_fields
 from capture.qa import take_qa_flags
 from capture.session import FramePlan, Session, TakeRecord, recover
 from capture.worker import camera_worker, write_frame
@@ -72,6 +72,9 @@ class CaptureOptions:
     start_method: str = "fork"  # worker processes: fork starts hundreds quickly on Linux
     render_scale: float = 1.0  # virtual studio render scale (tests use small images)
     prompt: Callable[[str], None] | None = None  # hardware calibration and plates: wait for the technician
+    # rigs with [[hosts]]: host agents kept between takes (capture.hosts.HostAgents); None: each take
+    # starts its own agents and ends them
+    agents: HostAgents | None = None
 
 
 def plan_frames(rig: Rig, kind: str, options: CaptureOptions) -> list[FramePlan]:
@@ -348,7 +351,7 @@ def _require_ray(rig: Rig) -> None:
 def _open_cameras(rig: Rig, specs: list[CameraSpec], drv: DriverOptions, options: CaptureOptions):
     """The take's cameras: a local pool, or one agent per capture host for a rig with ``[[hosts]]``."""
     if rig.hosts:
-        return HostFleet(rig, specs, fleet_driver_fields(drv), options.start_method)
+        return HostFleet(rig, specs, fleet_driver_fields(drv), options.start_method, options.agents)
     return CameraPool(rig, specs, drv, options.start_method)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from pathlib import Path
 from typing import Annotated, Optional
@@ -214,6 +215,17 @@ def _ray(s, address: str | None):
     return connect(address, resources={host_resource(h): 1 for h in hosts} if address is None else None)
 
 
+def _agents(s):
+    """Host agents kept for every take of this command (a rig with [[hosts]]), ended at its end."""
+    import contextlib
+
+    if not s.rig.hosts:
+        return contextlib.nullcontext()
+    from capture.hosts import HostAgents
+
+    return HostAgents()
+
+
 def _take(kind: str, session: Path, rig, frames, plain, address, *sim) -> None:
     from capture.orchestrator import run_take
 
@@ -308,9 +320,10 @@ def capture_run(session: SessionOpt, rig: RigOpt = None, address: AddressOpt = N
                     render_scale)
     recs = []
     kinds = ("calibration", "plates", "stills", "motion")
-    with _writing(s), _ray(s, address), _events(plain, session) as on_event:
+    with _writing(s), _ray(s, address), _events(plain, session) as on_event, _agents(s) as agents:
         if s.rig.is_virtual and virtual_source == "render":
             prepare_virtual_studio(s, kinds, opts, on_event)
+        opts = dataclasses.replace(opts, agents=agents)  # a rig over hosts: one agent per host for all takes
         for kind in kinds:
             recs.append(run_take(s, kind, opts, on_event=on_event))
     for rec in recs:
