@@ -453,7 +453,7 @@ def _shoot_take(session: Session, take_id: str, only: set[tuple[str, int]] | Non
                     if delay > 0:
                         time.sleep(delay)
                 if fleet is not None:
-                    done = _fire_hosts(session, fleet, take, f, cams, qa, emit, done, total)
+                    done = _fire_hosts(session, fleet, take, f, cams, qa, emit, done, total, gone)
                 else:
                     done = _fire(session, pool, take, f, cams, qa, emit, done, total, gone)
         take, status, missing, skew = _end_take(session, take_id, rig)
@@ -533,11 +533,12 @@ def _fire(session: Session, pool: CameraPool, take: TakeRecord, f: FramePlan, ca
 
 
 def _fire_hosts(session: Session, fleet: HostFleet, take: TakeRecord, f: FramePlan, cams: list[str], qa,
-                emit: EventSink, done: int, total: int) -> int:
+                emit: EventSink, done: int, total: int, gone: set[str]) -> int:
     """Fire one frame on every capture host at once; check, write and journal each host's frames as its
     delivery arrives (sha256 checked against its host's, written here, one fsync of the journal per
     host). A host that dies or does not answer is dropped: its cameras are missing for this frame and
-    the rest of the take, with a reason naming it. Returns frames done so far."""
+    the rest of the take, with a reason naming it. Returns frames done so far; cameras that report a
+    disconnect are added to ``gone``, as in :func:`_fire`."""
     rig = fleet.rig
     request = {"take_id": take.id, "kind": take.kind, "frame": f.index, "step": f.step,
                "clip_frame": f.clip_frame, "board_index": f.board_index}
@@ -577,6 +578,8 @@ def _fire_hosts(session: Session, fleet: HostFleet, take: TakeRecord, f: FramePl
                                 for flag in (res.get("qa") or {}).get("flags", [])]
                 else:
                     state = "disconnected" if res.get("disconnected") else "failed"
+                    if res.get("disconnected"):
+                        gone.add(cid)
                     batch.append({"ev": "frame_failed", "take": take.id, "camera": cid, "frame": f.index,
                                   "error": err})
                     updates.append(CameraUpdate(cid, state, take.id, f.index, error=err, host=d.host))

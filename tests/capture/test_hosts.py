@@ -40,6 +40,19 @@ def _journal(s: Session) -> list[dict]:
     return [json.loads(line) for line in (s.path / "journal.jsonl").read_text().splitlines()]
 
 
+def _same_events(journal: list[dict]) -> list[str]:
+    """A journal's events without what differs between two captures of the same frames (times, the
+    rig's name, the hosts, trigger timings), sorted (arrival order differs), as JSON lines."""
+    out = []
+    for e in journal:
+        e = {k: v for k, v in e.items() if k not in ("t", "crc", "hosts", "skew_s", "rig", "rig_sha256")}
+        if e["ev"] == "frame":
+            e["record"] = {k: e["record"][k] for k in ("path", "sha256", "size", "attempts", "qa")}
+        if e["ev"] != "dispatch":
+            out.append(json.dumps(e, sort_keys=True))
+    return sorted(out)
+
+
 def test_a_split_rig_without_ray_connected_says_to_pass_address(tmp_path) -> None:
     import ray
 
@@ -79,17 +92,7 @@ def test_split_rig_captures_the_same_frames_hashes_and_journal_as_one_host(clust
     assert split.hosts == {c: ("a" if c not in B_CAMS else "b") for c in split.cameras}
 
     # the journals hold the same events (arrival order aside), the split one also the dispatch per frame
-    def norm(j: list[dict]) -> list[str]:
-        out = []
-        for e in j:
-            e = {k: v for k, v in e.items() if k not in ("t", "crc", "hosts", "skew_s", "rig", "rig_sha256")}
-            if e["ev"] == "frame":
-                e["record"] = {k: e["record"][k] for k in ("path", "sha256", "size", "attempts", "qa")}
-            if e["ev"] != "dispatch":
-                out.append(json.dumps(e, sort_keys=True))
-        return sorted(out)
-
-    assert norm(_journal(two)) == norm(_journal(one))
+    assert _same_events(_journal(two)) == _same_events(_journal(one))
     dispatch = [e for e in _journal(two) if e["ev"] == "dispatch"]
     assert [e["frame"] for e in dispatch] == list(range(8))
     for e in dispatch:
@@ -100,6 +103,18 @@ def test_split_rig_captures_the_same_frames_hashes_and_journal_as_one_host(clust
     assert {(e.host, e.frame) for e in ok} == {(h, i) for h in "ab" for i in range(8)}
     assert all(e.dispatch_ms is not None for e in ok)
     assert {e.camera for e in events if isinstance(e, CameraUpdate) and e.host == "b"} == set(B_CAMS)
+
+
+def test_cameras_that_disconnect_are_journaled_as_on_one_host(cluster, tmp_path) -> None:
+    """Every camera disconnects after its second shot: the same failures, in the same words, as on one host."""
+    opts = CaptureOptions(source="pattern", disconnect_after=2)
+    one, two = _session(tmp_path / "one", "virtual-ring-24"), _session(tmp_path / "two", SPLIT)
+    single, split = run_take(one, "stills", opts), run_take(two, "stills", opts)
+    assert single.status == split.status == "incomplete"
+    assert sorted(split.missing()) == sorted(single.missing()) == sorted(
+        (c, i) for c in split.cameras for i in range(2, 8))
+    assert split.failures == single.failures
+    assert _same_events(_journal(two)) == _same_events(_journal(one))
 
 
 def test_host_b_dies_mid_take_its_cameras_are_missing_and_reshoot_fills_them(cluster, tmp_path) -> None:
