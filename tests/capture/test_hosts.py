@@ -178,6 +178,19 @@ def test_a_host_without_a_node_is_missing_from_the_start(cluster, tmp_path) -> N
         cluster.add_node_b()
 
 
+def test_the_cli_joins_the_cluster_by_address_and_fires_both_hosts(cluster, tmp_path) -> None:
+    from tests.faults.cli import run as twinstudio
+
+    s = _session(tmp_path / "s", SPLIT)
+    out = twinstudio("capture", "stills", "--session", s.path, "--address", cluster.address, "--plain",
+                     "--virtual-source", "pattern", timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "host a ready (12 cameras)" in out.stdout and "host b ready (12 cameras)" in out.stdout
+    rec = Session.open(s.path).take("stills-001")
+    assert rec.status == "complete" and len(_files(s, rec.id)) == 24 * 8
+    assert sorted(rec.dispatch) == list(range(8)) and all(set(d) == {"a", "b"} for d in rec.dispatch.values())
+
+
 def test_the_dashboard_shows_hosts() -> None:
     from rich.console import Console
 
