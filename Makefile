@@ -52,6 +52,7 @@ bench: setup
 	$(PY) benchmarks/train_cpu.py
 	$(PY) benchmarks/bundle.py
 	$(PY) benchmarks/faults.py
+	$(PY) benchmarks/batch.py
 	$(PY) benchmarks/verify_inputs.py
 	$(PY) benchmarks/sfm.py
 	$(PY) benchmarks/sfm_real.py

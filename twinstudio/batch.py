@@ -243,8 +243,11 @@ def is_current(session: Path, stage: str, options: BatchOptions, device: str) ->
 # ----------------------------------------------------------------------------- the task
 
 def _where() -> dict:
+    """The node and process running this stage (no node where it runs outside Ray, as in a benchmark's baseline)."""
     import ray
 
+    if not ray.is_initialized():
+        return {"node_id": "", "host": socket.gethostname(), "ip": "", "pid": os.getpid()}
     ctx = ray.get_runtime_context()
     return {"node_id": ctx.get_node_id(), "host": socket.gethostname(),
             "ip": ray.util.get_node_ip_address(), "pid": os.getpid()}
