@@ -17,7 +17,9 @@ and its journal stay on the head exactly as in a single-host take.
   dies: ``RayActorError``; or no answer in time) into a set of cameras that
   are missing for the frames it did not deliver, with a reason naming it.
 
-Ray is imported only here and only when a multi-host take runs; ``capture``
+Lights stay with the head (DMX goes over the network); a light's ``host`` in
+the rig file is recorded for the studio's wiring. Ray is imported only here
+and only when a multi-host take runs; ``capture``
 never connects to Ray itself (the CLI does, see ``twinstudio.cluster``).
 Times are ``time.time()`` seconds; dispatch times are reported in ms and
 assume the hosts' clocks are synchronised (PTP/NTP, as a studio's are).
@@ -30,7 +32,10 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rigs.rigfile import CameraSpec, Rig
 
 #: prefix of the custom resource that a capture host's Ray node offers (one unit)
 HOST_RESOURCE_PREFIX = "capture-host:"
@@ -182,7 +187,7 @@ class HostFleet:
     on exit) with the same ``cameras``/``unavailable``/``request_all``/``configure``; frames are
     fired with :meth:`shoot`. Needs ``ray.is_initialized()``."""
 
-    def __init__(self, rig, cameras: list, driver: dict[str, Any], start_method: str = "fork",
+    def __init__(self, rig: Rig, cameras: list[CameraSpec], driver: dict[str, Any], start_method: str = "fork",
                  agents: HostAgents | None = None, writers: int | None = None) -> None:
         self.rig = rig
         self.host_of = {c.id: c.host for c in cameras}

@@ -3,7 +3,9 @@
 A rig file names its cameras (driver, address or serial, resolution, lens,
 pose prior), its lights (DMX universe/channel, position), lighting presets,
 trigger and motion settings, the calibration board and, for virtual rigs, the
-virtual studio's settings. :func:`load_rig` returns a frozen :class:`Rig` or
+virtual studio's settings. A rig run over several capture PCs declares them as
+``[[hosts]]`` and names each camera's (and optionally each light's) ``host``;
+without ``[[hosts]]`` a rig runs on one machine. :func:`load_rig` returns a frozen :class:`Rig` or
 raises :class:`~rigs.errors.RigError` naming the file, the dotted key and the
 line.
 
