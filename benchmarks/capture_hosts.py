@@ -94,24 +94,13 @@ def ray_for(two_node: bool, home: Path):
         with two_node_cluster(home):
             yield "two loopback Ray nodes (host a on the head, b on a second node)"
     else:
-        import os
-
         from tests.raycluster import loopback_only, quiet_ray
         from twinstudio.cluster import connect
 
-        # ray.init() without an address joins the newest Ray cluster started on this machine, if any
-        # (/tmp/ray/ray_current_cluster); "local" always starts the embedded one this figure is about
-        saved = os.environ.get("RAY_ADDRESS")
-        os.environ["RAY_ADDRESS"] = "local"
-        try:
-            with loopback_only(), quiet_ray(home), connect(None, resources={host_resource("a"): 1,
-                                                                             host_resource("b"): 1}):
-                yield "embedded local Ray, both hosts' resources on this machine"
-        finally:
-            if saved is None:
-                os.environ.pop("RAY_ADDRESS", None)
-            else:
-                os.environ["RAY_ADDRESS"] = saved
+        # connect(None) always starts a new embedded Ray (never joins one already running here)
+        with loopback_only(), quiet_ray(home), connect(None, resources={host_resource("a"): 1,
+                                                                         host_resource("b"): 1}):
+            yield "embedded local Ray, both hosts' resources on this machine"
 
 
 def main() -> None:

@@ -154,9 +154,10 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus
         return
     try:
         if address is None:
-            ray.init(num_cpus=num_cpus, num_gpus=num_gpus, resources=resources, include_dashboard=False,
-                     _node_ip_address="127.0.0.1", namespace=NAMESPACE, log_to_driver=False,
-                     configure_logging=True, logging_level="WARNING")
+            # "local": always a new Ray, never the newest one started on this machine (ray.init's default)
+            ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, resources=resources,
+                     include_dashboard=False, _node_ip_address="127.0.0.1", namespace=NAMESPACE,
+                     log_to_driver=False, logging_level="WARNING")
         else:
             ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, logging_level="WARNING")
     except ConnectionError as e:
