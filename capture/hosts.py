@@ -43,10 +43,26 @@ HOST_RESOURCE_PREFIX = "capture-host:"
 #: how long a host agent may take to open its cameras, beyond the rig's trigger timeout, s
 OPEN_GRACE_S = 30.0
 
+#: scheduled firing: the lead of the fire time over the send (the slowest recent command's trip plus a
+#: margin, within these bounds), the frames it is taken over, and the spin at the end of a wait (s)
+LEAD_MIN_S, LEAD_MAX_S, LEAD_FIRST_S, LEAD_MARGIN_S, LEAD_WINDOW = 0.002, 0.050, 0.020, 0.002, 50
+SPIN_S = 0.002
+
 
 def host_resource(host: str) -> str:
     """The custom resource that pins a capture host's agent to that host's node."""
     return f"{HOST_RESOURCE_PREFIX}{host}"
+
+
+def wait_until(t: float) -> float:
+    """Sleep until ``time.time()`` is ``t`` (the last 2 ms spinning, for sub-millisecond precision);
+    returns the time it woke (at once when ``t`` has passed)."""
+    while True:
+        now = time.time()
+        if now >= t:
+            return now
+        if t - now > SPIN_S:
+            time.sleep(t - now - SPIN_S)
 
 
 class HostAgent:
@@ -84,16 +100,21 @@ class HostAgent:
         """:meth:`CameraPool.configure` on this host's cameras."""
         return self.pool.configure(profiles, timeout)
 
-    def shoot(self, sent_at: float, request: dict, cameras: list[str], retries: int, backoff_s: float,
-              qa: dict | None, timeout: float) -> dict[str, Any]:
-        """Fire ``cameras`` for one frame and wait for every one of them.
+    def shoot(self, sent_at: float, fire_at: float, request: dict, cameras: list[str], retries: int,
+              backoff_s: float, qa: dict | None, timeout: float) -> dict[str, Any]:
+        """Fire ``cameras`` for one frame at ``fire_at`` (``time.time()``) and wait for every one of them.
 
-        Returns ``received`` (when the command reached this agent, ``time.time()``), ``sent_at`` as
-        given, ``retries`` (camera, notice) seen on the way and ``results``: camera -> the worker's
-        result, carrying the frame's bytes (``data``, ``ext``) and its ``sha256`` when ``ok``."""
+        Every host is sent the same ``fire_at``, a little after the command should reach the slowest
+        one, so the hosts fire together however unevenly the commands arrive (a command that arrives
+        late fires at once). Returns ``received`` (when the command reached this agent), ``fired``
+        (when it fired its cameras), ``sent_at`` as given, ``retries`` (camera, notice) seen on the
+        way and ``results``: camera -> the worker's result, carrying the frame's bytes (``data``,
+        ``ext``) and its ``sha256`` when ``ok``."""
         received = time.time()
         cams = [c for c in cameras if c in self.pool.conns]
-        self.pool.fire({c: (request, "", retries, backoff_s, qa) for c in cams})
+        commands = {c: (request, "", retries, backoff_s, qa) for c in cams}
+        fired = wait_until(fire_at)
+        self.pool.fire(commands)
         results: dict[str, dict] = {}
         notices: list[tuple[str, dict]] = []
         for cid, msg in self.pool.replies(cams, timeout):
@@ -104,7 +125,7 @@ class HostAgent:
                                                                 "attempts": 0}
         for cid in cameras:
             results.setdefault(cid, {"ok": False, "error": f"camera not open on host {self.host}", "attempts": 0})
-        return {"host": self.host, "sent_at": sent_at, "received": received, "results": results,
+        return {"host": self.host, "sent_at": sent_at, "received": received, "fired": fired, "results": results,
                 "retries": notices}
 
     def close(self) -> bool:
@@ -170,6 +191,8 @@ class FrameDelivery:
     host: str
     sent_at: float
     received: float | None = None
+    fired: float | None = None
+    fire_at: float | None = None
     results: dict[str, dict] = field(default_factory=dict)
     retries: list[tuple[str, dict]] = field(default_factory=list)
     error: str = ""
@@ -202,6 +225,7 @@ class HostFleet:
         self.ready: dict[str, list[str]] = {}  # host -> its cameras that opened
         self.unavailable: dict[str, str] = {}  # camera -> why
         self.down: dict[str, str] = {}  # host -> why it dropped out (this take)
+        self.trips: list[float] = []  # the slowest host's command trip of recent frames, s
         # frames arriving from the hosts are written (temp, fsync, rename) in parallel, as the workers of a
         # single-host take write theirs: one thread per camera, so the fsyncs overlap as theirs do
         self.writer = ThreadPoolExecutor(max_workers=writers or max(1, min(64, len(cameras))),
@@ -326,14 +350,28 @@ class HostFleet:
         for c in cameras:
             per.setdefault(self.host_of[c], []).append(c)
         refs, sent = {}, {}
+        fire_at = time.time() + self.lead_s()
         for host, cams in per.items():
             sent[host] = time.time()
-            refs[self.agents[host].shoot.remote(sent[host], request, cams, retries, backoff_s, qa, timeout)] = host
+            refs[self.agents[host].shoot.remote(sent[host], fire_at, request, cams, retries, backoff_s, qa,
+                                                timeout)] = host
+        trips = []
         for host, reply in self._gather(refs, time.monotonic() + timeout + 5.0):
             if isinstance(reply, str):
-                yield FrameDelivery(host, sent[host], error=reply)
+                yield FrameDelivery(host, sent[host], error=reply, fire_at=fire_at)
             else:
-                yield FrameDelivery(host, sent[host], reply["received"], reply["results"], reply["retries"])
+                trips.append(reply["received"] - sent[host])
+                yield FrameDelivery(host, sent[host], reply["received"], reply["fired"], fire_at,
+                                    reply["results"], reply["retries"])
+        if trips:
+            self.trips = (self.trips + [max(trips)])[-LEAD_WINDOW:]
+
+    def lead_s(self) -> float:
+        """How far ahead of the send the hosts are told to fire: the slowest command trip of the
+        last frames plus a margin (bounded); 20 ms until there is a trip to go by."""
+        if not self.trips:
+            return LEAD_FIRST_S
+        return min(max(max(self.trips) + LEAD_MARGIN_S, LEAD_MIN_S), LEAD_MAX_S)
 
 
 def fleet_driver_fields(options) -> dict[str, Any]:

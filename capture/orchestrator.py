@@ -562,7 +562,8 @@ def _fire_hosts(session: Session, fleet: HostFleet, take: TakeRecord, f: FramePl
             updates.append(HostUpdate(d.host, "down", tuple(fleet.by_host[d.host]), take.id, f.index,
                                       error=d.error))
         else:
-            dispatch[d.host] = {"ms": d.dispatch_ms, "at": d.received}
+            dispatch[d.host] = {"ms": d.dispatch_ms, "at": d.received, "fired": d.fired,
+                                "late_ms": max(0.0, (d.received - d.fire_at) * 1000.0)}
             updates += [CameraUpdate(c, "retrying", take.id, f.index, error=n["error"], host=d.host)
                         for c, n in d.retries]
             written = fleet.writer.map(lambda cr: _land(session, take.id, f.index, *cr), d.results.items())

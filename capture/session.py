@@ -112,12 +112,17 @@ class TakeRecord(BaseModel):
     skew_s: float | None = None
     qa_flags: list[str] = Field(default_factory=list)
     hosts: dict[str, str] = Field(default_factory=dict)  # camera -> capture host (multi-host rigs only)
-    # multi-host rigs: frame -> host -> {"ms": head send to agent receipt, "at": agent's receipt, time.time()}
+    # multi-host rigs: frame -> host -> {"ms": head send to agent receipt, "at": agent's receipt,
+    # "fired": when the agent fired its cameras (the frame's scheduled fire time, or later), time.time()}
     dispatch: dict[int, dict[str, dict[str, float]]] = Field(default_factory=dict)
 
     def dispatch_spread_ms(self) -> dict[int, float]:
-        """Per frame fired on two or more hosts: the spread of the agents' receipt of the trigger, ms."""
-        return {i: (max(d["at"] for d in hs.values()) - min(d["at"] for d in hs.values())) * 1000.0
+        """Per frame fired on two or more hosts: the spread of the hosts' trigger times (when each agent
+        fired its cameras; where not recorded, when it received the command), ms."""
+        def t(d: dict) -> float:
+            return d.get("fired", d["at"])
+
+        return {i: (max(t(d) for d in hs.values()) - min(t(d) for d in hs.values())) * 1000.0
                 for i, hs in self.dispatch.items() if len(hs) >= 2}
 
     def missing(self) -> list[tuple[str, int]]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -97,7 +98,15 @@ def test_split_rig_captures_the_same_frames_hashes_and_journal_as_one_host(clust
     assert [e["frame"] for e in dispatch] == list(range(8))
     for e in dispatch:
         assert set(e["hosts"]) == {"a", "b"} and all(0 <= h["ms"] < 1000 for h in e["hosts"].values())
+        # each agent fired at the frame's one fire time, or at once when its command came after it
+        for h in e["hosts"].values():
+            assert h["fired"] >= h["at"] and h["late_ms"] >= 0
+            if h["late_ms"] > 0:
+                assert h["fired"] - h["at"] < 0.001
     assert set(split.dispatch_spread_ms()) == set(range(8))
+    for i, hs in split.dispatch.items():
+        fired = [h["fired"] for h in hs.values()]
+        assert split.dispatch_spread_ms()[i] == pytest.approx((max(fired) - min(fired)) * 1000.0)
     # the dashboard's feed: both hosts, their cameras, per-frame dispatch times
     ok = [e for e in events if isinstance(e, HostUpdate) and e.state == "ok"]
     assert {(e.host, e.frame) for e in ok} == {(h, i) for h in "ab" for i in range(8)}
@@ -206,3 +215,25 @@ def test_the_dashboard_shows_hosts() -> None:
     assert "b down · 1 camera" in text and "its agent died" in text
     line = PlainLog(file=io.StringIO()).line(HostUpdate("b", "down", ("cam03",), "stills-001", 4, error="gone"))
     assert line is not None and "host b down" in line.plain and "gone" in line.plain
+
+
+def test_hosts_fire_at_one_time_a_little_after_the_slowest_recent_trip():
+    # the fire time every agent is given: the slowest command trip of recent frames plus a margin, bounded
+    from capture.hosts import LEAD_FIRST_S, LEAD_MARGIN_S, LEAD_MAX_S, LEAD_MIN_S, LEAD_WINDOW, HostFleet, wait_until
+
+    fleet = HostFleet.__new__(HostFleet)
+    fleet.trips = []
+    assert fleet.lead_s() == LEAD_FIRST_S
+    fleet.trips = [0.003, 0.007, 0.002]
+    assert fleet.lead_s() == pytest.approx(0.007 + LEAD_MARGIN_S)
+    fleet.trips = [-0.004]  # a host whose clock runs ahead of the head's
+    assert fleet.lead_s() == LEAD_MIN_S
+    fleet.trips = [0.5]
+    assert fleet.lead_s() == LEAD_MAX_S
+    assert LEAD_WINDOW >= 20
+    # an agent never fires before the fire time, and fires at once when it has passed
+    t = time.time() + 0.01
+    assert wait_until(t) >= t
+    past = time.time() - 1.0
+    woke = wait_until(past)
+    assert past < woke < past + 1.5
