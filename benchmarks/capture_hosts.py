@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
 import math
 import statistics
 import sys
@@ -37,9 +36,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from capture.consent import ConsentRecord, add_consent  # noqa: E402
 from capture.hosts import HostAgents, host_resource  # noqa: E402
 from capture.orchestrator import CaptureOptions, run_take  # noqa: E402
+from benchmarks.capture import new_session  # noqa: E402 - the same consented bench session
 from capture.session import Session  # noqa: E402
 
 PER_HOST = 24
@@ -61,18 +60,6 @@ def ring_rig(frames: int, hosts: bool) -> str:
     return "\n".join(lines)
 
 
-def new_session(root: Path, rig_text: str) -> Session:
-    root.mkdir(parents=True)
-    rig = root / "rig.toml"
-    rig.write_text(rig_text)
-    s = Session.create(root / "session", rig, "bench-subject")
-    add_consent(s.path, ConsentRecord(subject_id="bench-subject", agency="bench", scopes=["capture"],
-                                      purposes=["benchmark"], markets=["none"], valid_from=dt.date.today(),
-                                      valid_until=dt.date.today() + dt.timedelta(days=1),
-                                      compensation_ref="none", document_sha256="0" * 64))
-    return s
-
-
 def pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, max(0, math.ceil(q / 100 * len(xs)) - 1))]
@@ -80,6 +67,7 @@ def pct(xs: list[float], q: float) -> float:
 
 def take(root: Path, name: str, frames: int, hosts: bool, latency: float,
          agents: HostAgents | None = None) -> tuple[float, Session, str]:
+    (root / name).mkdir(parents=True)
     s = new_session(root / name, ring_rig(frames, hosts))
     opts = CaptureOptions(source="pattern", latency_s=latency, qa=False, check_disk=False, agents=agents)
     t = time.perf_counter()
