@@ -176,8 +176,9 @@ def _file_digest(p: Path) -> str:
 
 
 def _options_of(stage: str, options: BatchOptions, device: str) -> dict:
+    """The options that decide a stage's result (not how many processes or threads it used)."""
     if stage == "reconstruct":
-        return asdict(options.reconstruct)
+        return {**asdict(options.reconstruct), "workers": None}
     if stage == "train":
         return {**asdict(replace(options.train, device=device)), "cpu_threads": None}
     return {"key": str(options.key or "studio"), "out": str(bundle_path(options, "x").parent)}
@@ -312,6 +313,10 @@ def run_stage(session: str, name: str, stage: str, options: BatchOptions, device
 
         target = bundle_path(options, name)
         target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists():  # a bundle is never overwritten: the stale one is kept beside the new one
+            aside = target.with_name(f"{target.stem}.{time.strftime('%Y%m%d-%H%M%S')}{target.suffix}")
+            target.rename(aside)
+            send("progress", f"earlier bundle kept as {aside.name}", force=True)
         kw = {"key": options.key} if options.key is not None else {}
         build_bundle(root, target, BundleOptions(run=options.train.run, **kw),
                      on_event=lambda ev: send("progress", str(ev.get("stage", "")), force=ev.get("event") == "stage"))

@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -101,8 +102,16 @@ def test_three_sessions_one_corrupt_the_others_complete(cluster, template, key, 
     assert {k: v["status"] for k, v in rep2["anna"]["stages"].items()} == dict.fromkeys(opts.stages, "current")
     assert {k: v["status"] for k, v in rep2["ben"]["stages"].items()} == {
         "reconstruct": "current", "train": "current", "bundle": "done"}
+    # a bundle made again (stale, or --force) never overwrites the earlier one: that is kept beside it
+    forced = run_batch([s1], replace(opts, stages=("bundle",), force=True))
+    assert forced.sessions[0].stages["bundle"].status == "done"
+    kept = sorted(p.name for p in (tmp_path / "batch" / "bundles").glob("anna.*.tar"))
+    assert len(kept) == 1 and (tmp_path / "batch" / "bundles" / "anna.tar").is_file()
     # an input that changed makes its stage (and only what depends on it) stale
     assert is_current(s1, "train", opts, "cpu")
+    more_cpus = BatchOptions(reconstruct=replace(RECON, workers=2), train=replace(TRAIN, cpu_threads=2), key=key,
+                             out=tmp_path / "batch", recon_cpus=2, train_cpus=2)
+    assert is_current(s1, "reconstruct", more_cpus, "cpu") and is_current(s1, "train", more_cpus, "cpu")
     assert not is_current(s1, "train", BatchOptions(reconstruct=RECON, train=TrainOptions(iterations=21)), "cpu")
 
 
