@@ -154,6 +154,8 @@ def batch_cmd(
                                                           "2000 on the CPU).")] = None,
     cameras_from: Annotated[str, typer.Option(help="Reconstruction's cameras: auto, calibration, sfm or existing.")]
     = "auto",
+    recon_stages: Annotated[str, typer.Option(help="Comma-separated stages of the reconstruction: cameras, masks, "
+                                                   "mesh, motion.")] = "cameras,masks,mesh,motion",
     recon_cpus: Annotated[float, typer.Option(help="CPUs each reconstruction asks for.")] = 1.0,
     train_cpus: Annotated[Optional[float], typer.Option(help="CPUs a CPU-preview training asks for (default: all "
                                                              "of the largest node's).")] = None,
@@ -181,7 +183,14 @@ def batch_cmd(
 
     paths = expand_sessions(sessions)
     names = tuple(s.strip() for s in stages.split(",") if s.strip())
-    options = BatchOptions(stages=names, reconstruct=ReconstructOptions(cameras_from=cameras_from),
+    from reconstruct.pipeline import STAGES as RECON_STAGES
+
+    recon = tuple(s.strip() for s in recon_stages.split(",") if s.strip())
+    bad = [s for s in recon if s not in RECON_STAGES]
+    if bad or not recon:
+        raise typer.BadParameter(f"unknown reconstruction stage(s) {', '.join(bad) or '(none)'}; use "
+                                 f"{', '.join(RECON_STAGES)}", param_hint="--recon-stages")
+    options = BatchOptions(stages=names, reconstruct=ReconstructOptions(stages=recon, cameras_from=cameras_from),
                            train=TrainOptions(iterations=iterations), train_device=train_device, out=out, key=key,
                            recon_cpus=recon_cpus, train_cpus=train_cpus, max_retries=max_retries, force=force)
     title = f"batch of {len(paths)} session(s): {', '.join(options.stages)}"

@@ -192,3 +192,24 @@ def test_errors_cross_process_boundaries_whole():
     assert str(e) == "1 stage(s) failed: cameras: no board (report: /s/recon/report.json)"
     r = pickle.loads(pickle.dumps(RigError("bad focal", path="r.toml", key="cameras.focal", line=3)))
     assert str(r) == "r.toml:3 [cameras.focal]: bad focal" and r.facts["line"] == 3
+
+
+def test_the_cli_joins_the_cluster_by_address(cluster, template, key, tmp_path):
+    # the real command in its own process (inside the test's loopback-only namespace) joins the cluster,
+    # prints the summary and exits 4 when the only failure is a consent refusal
+    from capture.consent import revoke_consent
+    from tests.faults.cli import flat, run
+
+    ok, revoked = sessions(template, tmp_path, ["ok", "revoked"])
+    revoke_consent(revoked, "the model withdrew")
+    r = run("batch", ok, revoked, "--address", cluster.address, "--stages", "reconstruct", "--cameras-from",
+            "existing", "--recon-stages", "cameras,masks", "--out", tmp_path / "batch", "--key", key, "--plain",
+            timeout=300)
+    out = flat(r.stdout)
+    assert r.returncode == 4, r.stdout + r.stderr
+    assert "ok reconstruct: done on" in out and "revoked reconstruct: blocked: not run: consent:" in out
+    assert f"report: {tmp_path / 'batch' / 'report.json'}" in out
+    assert "session(s) failed: revoked: consent:" in flat(r.stderr)
+    report = json.loads((tmp_path / "batch" / "report.json").read_text())
+    assert report["ray"]["address"] == cluster.address and not report["ray"]["embedded"]
+    assert len(report["ray"]["nodes"]) == 2

@@ -20,6 +20,8 @@ def test_bad_inputs_are_refused_before_ray_starts(tmp_path, capsys):
     assert "unknown stage(s) paint" in capsys.readouterr().err
     assert main(["batch", str(tmp_path / "s1"), "--train-device", "tpu"]) == 2
     assert "train device must be auto, gpu or cpu" in capsys.readouterr().err
+    assert main(["batch", str(tmp_path / "s1"), "--recon-stages", "masks,paint"]) == 2
+    assert "unknown reconstruction stage(s) paint" in capsys.readouterr().err
 
 
 def test_sessions_from_paths_and_globs_each_once(tmp_path):
