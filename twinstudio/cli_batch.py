@@ -53,6 +53,16 @@ class BatchBoard:
         return out
 
 
+def status_text(status: str, node: str | None, attempts: int, took: str) -> str:
+    """A stage's cell: its status in colour, where it ran, the try, how long it took (rich markup)."""
+    text = f"[{STYLE.get(status, '')}]{status}[/]"
+    if node:
+        text += f" on {escape(node)}"
+    if attempts > 1:
+        text += f" (try {attempts})"
+    return text + (f" {took}" if took else "")
+
+
 def render_board(board: BatchBoard, title: str) -> Table:
     table = Table(title=title, caption=", ".join(f"{n} {s}" for s, n in sorted(board.counts().items()))
                   + f" — {time.perf_counter() - board.t0:.0f} s", expand=False)
@@ -63,13 +73,7 @@ def render_board(board: BatchBoard, title: str) -> Table:
         cells = []
         for stage in board.stages:
             c = row.get(stage, {"status": "waiting", "detail": "", "node": "", "attempt": 0, "seconds": 0.0})
-            text = f"[{STYLE.get(c['status'], '')}]{c['status']}[/]"
-            if c["node"]:
-                text += f" on {escape(c['node'])}"
-            if c["attempt"] > 1:
-                text += f" (try {c['attempt']})"
-            if c["seconds"]:
-                text += f" {c['seconds']:.0f} s"
+            text = status_text(c["status"], c["node"], c["attempt"], f"{c['seconds']:.0f} s" if c["seconds"] else "")
             if c["detail"] and c["status"] in ("running", "failed", "unplaceable", "retry"):
                 text += f"\n[dim]{escape(c['detail'][:90])}[/]"
             cells.append(text)
@@ -125,14 +129,8 @@ def print_batch_summary(report: dict, path: Path) -> None:
         cells = []
         for stage in report["stages"]:
             st = s["stages"][stage]
-            text = f"[{STYLE.get(st['status'], '')}]{st['status']}[/]"
-            if st["seconds"] is not None and st["status"] == "done":
-                text += f" {st['seconds']:.1f} s"
-            if st["node"]:
-                text += f" on {escape(st['node'])}"
-            if st["attempts"] > 1:
-                text += f" ({st['attempts']} tries)"
-            cells.append(text)
+            took = f"{st['seconds']:.1f} s" if st["seconds"] is not None and st["status"] == "done" else ""
+            cells.append(status_text(st["status"], st["node"], st["attempts"], took))
         table.add_row(escape(s["name"]), escape(s["subject"] or "-"),
                       f"[{STYLE.get(s['status'], '')}]{s['status']}[/]", *cells, escape(s["reason"] or ""))
     console.print(table)
