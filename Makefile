@@ -53,6 +53,7 @@ bench: setup
 	$(PY) benchmarks/bundle.py
 	$(PY) benchmarks/faults.py
 	$(PY) benchmarks/batch.py
+	$(PY) benchmarks/capture_hosts.py
 	$(PY) benchmarks/verify_inputs.py
 	$(PY) benchmarks/sfm.py
 	$(PY) benchmarks/sfm_real.py
