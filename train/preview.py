@@ -170,7 +170,9 @@ def write_turntable(out_dir: Path | str, render_fn: RenderFn, cameras: Sequence[
 
     Writes ``out_dir/turntable/000.png`` ... (labelled, one per camera; stale
     frames of an earlier, longer turntable are removed) and
-    ``out_dir/turntable.mp4`` (MPEG-4 part 2, ``mp4v``), both atomically.
+    ``out_dir/turntable.mp4`` (H.264 High profile through PyAV's libx264,
+    ``yuv420p``, ``+faststart``: browsers and phones play it, and start before
+    it has all arrived), both atomically.
     ``size`` is (width, height) in pixels, by default ``(2 cx, 2 cy)`` of the
     first camera's K (right for :func:`turntable_cameras`). An odd width or
     height is padded by one replicated row/column in the MP4 only (players need
@@ -207,30 +209,25 @@ def write_turntable(out_dir: Path | str, render_fn: RenderFn, cameras: Sequence[
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     tmp_mp4 = staging / "turntable.mp4"
-    writer = cv2.VideoWriter(str(tmp_mp4), cv2.VideoWriter_fourcc(*"mp4v"), float(fps), (vw, vh))
     try:
-        if not writer.isOpened():
-            raise PreviewError(f"OpenCV cannot open an mp4v video writer for {vw}x{vh}", path=mp4)
-        for i, (viewmat, K) in enumerate(cameras):
-            rgb = _to_uint8(render_fn(np.asarray(viewmat), np.asarray(K), width, height), width, height, i)
-            framed = label_image(rgb, label)
-            atomic_write_bytes(png_dir / names[i], encode_png(framed), fsync=False)
-            bgr = cv2.cvtColor(framed, cv2.COLOR_RGB2BGR)
-            if (vw, vh) != (width, height):
-                bgr = cv2.copyMakeBorder(bgr, 0, vh - height, 0, vw - width, cv2.BORDER_REPLICATE)
-            writer.write(bgr)
-            if on_progress is not None:
-                on_progress(i + 1, n)
-        writer.release()
-        got = _count_frames(tmp_mp4)
-        if got != (n, vw, vh):
-            raise PreviewError(f"the encoded video reads back as {got[0]} frames of {got[1]}x{got[2]}, "
-                               f"expected {n} of {vw}x{vh}", path=mp4)
+        with _H264Writer(tmp_mp4, vw, vh, fps, mp4) as writer:
+            for i, (viewmat, K) in enumerate(cameras):
+                rgb = _to_uint8(render_fn(np.asarray(viewmat), np.asarray(K), width, height), width, height, i)
+                framed = label_image(rgb, label)
+                atomic_write_bytes(png_dir / names[i], encode_png(framed), fsync=False)
+                if (vw, vh) != (width, height):
+                    framed = cv2.copyMakeBorder(framed, 0, vh - height, 0, vw - width, cv2.BORDER_REPLICATE)
+                writer.write(framed)
+                if on_progress is not None:
+                    on_progress(i + 1, n)
+        got = video_info(tmp_mp4)
+        want = {"codec": "h264", "pix_fmt": "yuv420p", "frames": n, "width": vw, "height": vh, "faststart": True}
+        if {k: got[k] for k in want} != want:
+            raise PreviewError(f"the encoded video reads back as {got}, expected {want}", path=mp4)
         with open(tmp_mp4, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp_mp4, mp4)
     finally:
-        writer.release()
         shutil.rmtree(staging, ignore_errors=True)
     keep = set(names)
     for stale in png_dir.iterdir():
@@ -242,15 +239,68 @@ def write_turntable(out_dir: Path | str, render_fn: RenderFn, cameras: Sequence[
             "fps": fps, "label": label, "mp4_width": vw, "mp4_height": vh}
 
 
-def _count_frames(path: Path) -> tuple[int, int, int]:
-    """(frames, width, height) of a video, counted by decoding it."""
-    cap = cv2.VideoCapture(str(path))
-    try:
-        w = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH))
-        h = int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
-        count = 0
-        while cap.grab():
-            count += 1
-        return count, w, h
-    finally:
-        cap.release()
+class _H264Writer:
+    """RGB frames to an H.264 MP4 (yuv420p, moov atom first) through PyAV's libx264."""
+
+    def __init__(self, path: Path, width: int, height: int, fps: int, target: Path) -> None:
+        import av
+
+        try:
+            self.container = av.open(str(path), mode="w", options={"movflags": "+faststart"})
+            self.stream = self.container.add_stream("libx264", rate=fps)
+        except (av.FFmpegError, ValueError) as e:  # no libx264 in this PyAV build
+            raise PreviewError(f"cannot open an H.264 (libx264) encoder for {width}x{height}: {e}",
+                               path=target) from e
+        self.stream.width, self.stream.height, self.stream.pix_fmt = width, height, "yuv420p"
+        self.stream.options = {"crf": "18", "preset": "medium", "profile": "high"}
+
+    def __enter__(self) -> _H264Writer:
+        return self
+
+    def write(self, rgb: np.ndarray) -> None:
+        import av
+
+        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
+        self.container.mux(self.stream.encode(frame))
+
+    def __exit__(self, exc_type, *exc) -> None:
+        try:
+            if exc_type is None:
+                self.container.mux(self.stream.encode())  # flush the encoder's delayed frames
+        finally:
+            self.container.close()
+
+
+def video_info(path: Path | str) -> dict[str, Any]:
+    """What a video holds, by decoding it with PyAV: codec, pixel format, profile, frames (counted),
+    width, height, fps, duration (s) and ``faststart`` (its moov box before its media data)."""
+    import av
+
+    with av.open(str(path)) as c:
+        v = c.streams.video[0]
+        cc = v.codec_context
+        info = {"codec": cc.name, "pix_fmt": cc.pix_fmt, "profile": cc.profile, "width": cc.width,
+                "height": cc.height, "fps": float(v.average_rate or 0),
+                "duration": float(v.duration * v.time_base) if v.duration is not None else None}
+        info["frames"] = sum(1 for _ in c.decode(video=0))
+    info["faststart"] = _moov_first(Path(path))
+    return info
+
+
+def _moov_first(path: Path) -> bool:
+    """Whether the MP4's top-level ``moov`` box comes before its ``mdat`` (a player can start at once)."""
+    import struct
+
+    with open(path, "rb") as f:
+        while True:
+            head = f.read(8)
+            if len(head) < 8:
+                return False
+            size, kind = struct.unpack(">I4s", head)
+            if kind in (b"moov", b"mdat"):
+                return kind == b"moov"
+            if size == 1:
+                size = struct.unpack(">Q", f.read(8))[0] - 8
+            elif size == 0:
+                return False
+            f.seek(size - 8, 1)

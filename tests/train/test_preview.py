@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from rigs.errors import ShapeError
-from train.preview import AI_LABEL, PreviewError, banner_height, label_image, turntable_cameras, write_turntable
+from train.preview import (AI_LABEL, PreviewError, banner_height, label_image, turntable_cameras, video_info,
+                           write_turntable)
 
 
 def _pattern(w: int, h: int) -> np.ndarray:
@@ -110,7 +111,11 @@ def test_write_turntable(tmp_path):
         assert img.shape == (h, w, 3)
         np.testing.assert_array_equal(img[: h - bh], np.broadcast_to(np.round(_palette(i) * 255), (h - bh, w, 3)))
         np.testing.assert_array_equal(img, label_image(img[:1].repeat(h, axis=0)))  # labelled
-    cap = cv2.VideoCapture(res["mp4"])
+    # H.264 that browsers play: High profile, 4:2:0, moov first, n frames at 12 fps
+    info = video_info(res["mp4"])
+    assert (info["codec"], info["pix_fmt"], info["profile"], info["faststart"]) == ("h264", "yuv420p", "High", True)
+    assert info["frames"] == n and info["fps"] == 12 and info["duration"] == pytest.approx(n / 12, abs=1 / 12)
+    cap = cv2.VideoCapture(res["mp4"])  # and an independent decoder (OpenCV's FFmpeg) reads the same
     frames = []
     while True:
         ok, frame = cap.read()
