@@ -39,6 +39,7 @@ from twinstudio.cli_reconstruct import reconstruct_app  # noqa: E402
 from twinstudio.cli_train import train_app  # noqa: E402
 from twinstudio.cli_handoff import bundle_cmd, keys_app, revocations_app, verify_cmd  # noqa: E402
 from twinstudio.cli_batch import batch_cmd, cluster_app  # noqa: E402
+from twinstudio.cli_export import export_app  # noqa: E402
 
 app.add_typer(consent_app, name="consent")
 app.add_typer(capture_app, name="capture")
@@ -50,6 +51,7 @@ app.command("bundle")(bundle_cmd)
 app.command("verify")(verify_cmd)
 app.command("batch")(batch_cmd)
 app.add_typer(cluster_app, name="cluster")
+app.add_typer(export_app, name="export")
 
 DEFAULT_RIG = "virtual-ring-24"
 

@@ -11,7 +11,8 @@
     geometry/         mesh.glb, mesh.ply, points.ply (point cloud sampled on the mesh)
     splat/            splat.ply (3D Gaussian splat, standard layout, studio metres)
     motion/           trajectories.npz / .csv, motion.json
-    previews/         turntable.mp4, turntable/*.png, side-by-side evaluation images
+    previews/         turntable.mp4 (H.264), turntable/*.png, side-by-side evaluation images
+    usd/              twin.usdz: splat, mesh, cameras and motion as one OpenUSD scene (train/usd.py)
     generation/       the generation kit: 1024x1024 crops, masks, metadata.jsonl (captions)
     metrics.json      the training run's figures and the reconstruction report
 
@@ -125,6 +126,8 @@ def build_bundle(session: Path | str, out: Path | str, options: BundleOptions = 
         copy_file(run_dir / "splat.ply", stage / "splat" / "splat.ply")
         _motion(session, stage / "motion", omitted)
         _previews(run_dir, stage / "previews", omitted)
+        emit({"event": "stage", "stage": "usd", "status": "running"})
+        _usd(stage, consent, session, run_dir, emit)
         train_metrics = json.loads(metrics_path.read_text())
         recon_report = _json_or_none(session / "recon" / "report.json")
         atomic_write_json(stage / "metrics.json", {
@@ -292,6 +295,28 @@ def _previews(run_dir: Path, dst: Path, omitted: dict) -> None:
         omitted["previews/turntable"] = f"no {pv / 'turntable.mp4'}"
     for p in sorted((run_dir / "eval").glob("*.png")):
         copy_file(p, dst / "evaluation" / p.name)
+
+
+def _usd(stage: Path, consent, session: Path, run_dir: Path, emit) -> None:
+    """usd/twin.usdz: the splat, mesh, cameras and motion of the staged bundle as one OpenUSD scene.
+
+    It cannot carry the sha256 of the MANIFEST.json that lists it; it carries the session
+    manifest's and the splat's ('twinstudio export usd BUNDLE' embeds the bundle manifest's)."""
+    from train.usd import TwinSources, sha256_file, write_usd
+
+    def part(rel: str) -> Path | None:
+        return stage / rel if (stage / rel).is_file() else None
+
+    sources = TwinSources(
+        splat=stage / "splat" / "splat.ply", cameras=part("cameras/cameras.json"), mesh=part("geometry/mesh.ply"),
+        motion=part("motion/trajectories.npz"), subject_id=consent.subject_id, consent=consent_terms(consent),
+        ai_disclosure={"label": AI_LABEL, "requirement": AI_REQUIREMENT},
+        provenance={"session_manifest_sha256": sha256_file(session / "session.json"), "run": run_dir.name},
+        origin=f"bundle of session {session.name}")
+    result = write_usd(sources, stage / "usd" / "twin.usdz", on_event=emit)
+    if result.problems:
+        raise BundleError("the twin's USD scene fails its checks: " + "; ".join(result.problems[:5]),
+                          path=str(result.path))
 
 
 def _provenance(session: Path, m, ds: dict, train_metrics: dict, recon: dict | None, run: str) -> dict:
