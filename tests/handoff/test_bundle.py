@@ -77,7 +77,8 @@ def test_layout_and_manifest(bundle, session):
     p = bundle.path
     for rel in ("MANIFEST.json", "SIGNATURE.json", "USAGE.md", "metrics.json", "cameras/transforms.json",
                 "cameras/cameras.json", "cameras/colmap/cameras.txt", "geometry/mesh.glb", "geometry/mesh.ply",
-                "geometry/points.ply", "splat/splat.ply", "previews/turntable.mp4", "generation/metadata.jsonl"):
+                "geometry/points.ply", "splat/splat.ply", "previews/turntable.mp4", "generation/metadata.jsonl",
+                "usd/twin.usdz"):
         assert (p / rel).is_file(), rel
     m = json.loads((p / "MANIFEST.json").read_text())
     assert m["schema"] == "twinstudio.bundle" and m["version"] == 1
@@ -99,6 +100,26 @@ def test_layout_and_manifest(bundle, session):
     usage = (p / "USAGE.md").read_text()
     for words in (SUBJECT, "e-commerce", "EU", str(rec.valid_until), "INV-7", "AI-generated", "watermark"):
         assert words in usage
+
+
+def test_usd_scene_carries_the_trained_splat_mesh_cameras_and_terms(bundle, session):
+    from pxr import Usd, UsdGeom
+
+    from train.splat_ply import read_splat_ply
+    from train.usd import check_usd, read_usd_splat
+
+    usdz = bundle.path / "usd" / "twin.usdz"
+    assert check_usd(usdz) == []
+    ply = read_splat_ply(bundle.path / "splat" / "splat.ply")
+    back = read_usd_splat(usdz)
+    assert np.array_equal(back.means, ply.means) and np.array_equal(back.sh_coeffs(), ply.sh_coeffs())
+    stage = Usd.Stage.Open(str(usdz))
+    meta = stage.GetRootLayer().customLayerData["twinstudio"]
+    assert meta["subject_id"] == SUBJECT and meta["consent"]["consent_id"] == load_consents(session)[0].consent_id
+    assert meta["ai_disclosure"]["label"] == "AI-generated digital twin"
+    cams = json.loads((bundle.path / "cameras" / "cameras.json").read_text())["cameras"]
+    assert len([q for q in stage.Traverse() if q.IsA(UsdGeom.Camera)]) == len(cams) == 24
+    assert stage.GetPrimAtPath("/Twin/Mesh").IsA(UsdGeom.Mesh)
 
 
 def test_generation_kit(bundle):
