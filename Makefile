@@ -8,13 +8,23 @@ STAMP  := $(VENV)/.twinstudio-installed
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEBS   := libusb-1.0-0 gcc libc6-dev libgomp1
 
-.PHONY: setup system-deps demo test test-all bench clean
+.PHONY: setup system-deps browser-deps demo test test-all bench clean
 
 setup: system-deps $(STAMP)
 
 # Debian libraries: open3d needs libusb-1.0 to import; the CPU rasteriser's compositing is C (gcc, OpenMP).
 system-deps:
 	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
+	fi
+
+# Debian's Chromium, for the bundle viewer's tests (tests/handoff/test_viewer.py): only make test needs it
+BROWSER_DEBS := chromium
+browser-deps:
+	@missing=""; for p in $(BROWSER_DEBS); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
@@ -37,20 +47,22 @@ $(STAMP): pyproject.toml | $(PY)
 demo: setup
 	$(VENV)/bin/twinstudio demo
 
-test: setup
+test: setup browser-deps
 	$(PY) -m pytest -q
 
 # the slow tests too
-test-all: setup
+test-all: setup browser-deps
 	TWINSTUDIO_SLOW=1 $(PY) -m pytest -q
 
-bench: setup
+bench: setup browser-deps
 	$(PY) benchmarks/render.py
 	$(PY) benchmarks/capture.py
 	$(PY) benchmarks/reconstruct.py
 	$(PY) benchmarks/raster_cpu.py
 	$(PY) benchmarks/train_cpu.py
 	$(PY) benchmarks/bundle.py
+	$(PY) benchmarks/formats.py
+	$(PY) benchmarks/viewer.py
 	$(PY) benchmarks/faults.py
 	$(PY) benchmarks/batch.py
 	$(PY) benchmarks/capture_hosts.py

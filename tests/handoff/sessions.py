@@ -61,6 +61,19 @@ def captured_session(root: Path, scopes=("capture", "train"), *, render_scale: f
     return take
 
 
+def small_trained_session(root: Path, *, score_points: int = 10_000) -> Path:
+    """A session at ``root`` (all scopes) at 320x240 with ground-truth cameras and masks, a reconstructed
+    mesh and a really trained twin (20 CPU steps): what bundles, the viewer and USD export are tested on."""
+    from reconstruct.mesh import MeshOptions, run_mesh
+    from train.runner import TrainOptions, run_training
+
+    take = captured_session(root, ALL_SCOPES, render_scale=0.25)
+    run_mesh(root, root / "recon" / "cameras.json", root / "recon" / "mesh" / take, take=take,
+             options=MeshOptions(voxel_mm=16.0, levels=3, refine=False), score_points=score_points)
+    run_training(root, TrainOptions(device="cpu", iterations=20, downscale=4, turntable_frames=3))
+    return root
+
+
 def make_session(root: Path, scopes=ALL_SCOPES, *, render_scale: float = 0.1) -> Path:
     """A session at ``root``: consent for ``scopes``, a stills take, cameras, masks, dataset, run ``twin``."""
     from train.dataset import export_dataset

@@ -32,16 +32,9 @@ KIT = 96  # generation-kit crop size for the tests (1024 in real bundles)
 @pytest.fixture(scope="module")
 def session(tmp_path_factory):
     """A virtual session at 320x240: stills captured, cameras and masks from ground truth, mesh, a short twin."""
-    from reconstruct.mesh import MeshOptions, run_mesh
-    from tests.handoff.sessions import ALL_SCOPES, captured_session
-    from train.runner import TrainOptions, run_training
+    from tests.handoff.sessions import small_trained_session
 
-    root = tmp_path_factory.mktemp("handoff") / "session"
-    take = captured_session(root, ALL_SCOPES, render_scale=0.25)
-    run_mesh(root, root / "recon" / "cameras.json", root / "recon" / "mesh" / take, take=take,
-             options=MeshOptions(voxel_mm=16.0, levels=3, refine=False), score_points=10_000)
-    run_training(root, TrainOptions(device="cpu", iterations=20, downscale=4, turntable_frames=3))
-    return root
+    return small_trained_session(tmp_path_factory.mktemp("handoff") / "session")
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +71,7 @@ def test_layout_and_manifest(bundle, session):
     for rel in ("MANIFEST.json", "SIGNATURE.json", "USAGE.md", "metrics.json", "cameras/transforms.json",
                 "cameras/cameras.json", "cameras/colmap/cameras.txt", "geometry/mesh.glb", "geometry/mesh.ply",
                 "geometry/points.ply", "splat/splat.ply", "previews/turntable.mp4", "generation/metadata.jsonl",
-                "usd/twin.usdz"):
+                "usd/twin.usdz", "viewer/index.html"):
         assert (p / rel).is_file(), rel
     m = json.loads((p / "MANIFEST.json").read_text())
     assert m["schema"] == "twinstudio.bundle" and m["version"] == 1

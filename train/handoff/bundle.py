@@ -12,6 +12,8 @@
     splat/            splat.ply (3D Gaussian splat, standard layout, studio metres)
     motion/           trajectories.npz / .csv, motion.json
     previews/         turntable.mp4 (H.264), turntable/*.png, side-by-side evaluation images
+    viewer/           index.html: the twin in a browser, offline (splat, mesh, rig cameras, AI label);
+                      vendor/ three.js 0.187 + Spark 2.2.0 (MIT)
     usd/              twin.usdz: splat, mesh, cameras and motion as one OpenUSD scene (train/usd.py)
     generation/       the generation kit: 1024x1024 crops, masks, metadata.jsonl (captions)
     metrics.json      the training run's figures and the reconstruction report
@@ -43,6 +45,7 @@ from pathlib import Path
 from rigs.fileio import atomic_write_bytes, atomic_write_json, copy_file
 from train.handoff.integrity import (MANIFEST, SIGNATURE, BundleError, hash_tree, key_id, load_private_key,
                                      sign_manifest, write_tar)
+from train.handoff.viewer import write_viewer
 
 BUNDLE_SCHEMA = "twinstudio.bundle"
 BUNDLE_VERSION = 1
@@ -126,6 +129,7 @@ def build_bundle(session: Path | str, out: Path | str, options: BundleOptions = 
         copy_file(run_dir / "splat.ply", stage / "splat" / "splat.ply")
         _motion(session, stage / "motion", omitted)
         _previews(run_dir, stage / "previews", omitted)
+        write_viewer(stage / "viewer")
         emit({"event": "stage", "stage": "usd", "status": "running"})
         _usd(stage, consent, session, run_dir, emit)
         train_metrics = json.loads(metrics_path.read_text())
