@@ -156,3 +156,6 @@ def _bundle(session: Path, out: Path, plain: bool, console: Console) -> None:
     console.print(f"  public key for render teams: {keys / 'studio.pub'}; check with "
                   f"'twinstudio verify {target} --pubkey {keys / 'studio.pub'} --revocations {published}'",
                   highlight=False)
+    console.print(f"  open it: 'twinstudio view {target}' (the browser viewer, served on 127.0.0.1 only); "
+                  f"usd/twin.usdz inside is the OpenUSD scene ('twinstudio export usd {target} --out twin.usdz')",
+                  highlight=False)
