@@ -1,6 +1,7 @@
-"""Read and write COLMAP text models (``cameras.txt``, ``images.txt``, ``points3D.txt``).
+"""Read and write COLMAP models through pycolmap, in twinstudio's conventions.
 
-Conventions, and the one place where they change:
+pycolmap (``Reconstruction.write_text`` / ``read_text`` / ``read_binary``)
+does the files; this module only adds the conventions, which change here:
 
 * twinstudio (OpenCV) puts the top-left pixel's centre at (0, 0); COLMAP puts
   it at (0.5, 0.5). Writing adds 0.5 to the principal point
@@ -13,16 +14,24 @@ Conventions, and the one place where they change:
   ``k3 != 0`` ``FULL_OPENCV`` (``k4 = k5 = k6 = 0``, the rational terms off,
   which is OpenCV's 5-parameter model).
 
-One COLMAP camera per image: ``CAMERA_ID = IMAGE_ID = index + 1``. Besides the
-three classic files the writer also puts a trivial ``rigs.txt`` and
-``frames.txt`` (one rig and one frame per camera) in the folder, as COLMAP
->= 3.12 / pycolmap 4 write them: those readers take poses from ``frames.txt``
-when it exists, so a stale one left by an earlier run would silently
-override the poses in ``images.txt``. Older readers ignore both files.
+One COLMAP camera per image: ``CAMERA_ID = IMAGE_ID = index + 1``, each with
+a trivial rig and frame (``rigs.txt``, ``frames.txt``, as pycolmap 4 writes
+them). pycolmap takes poses from ``frames.txt`` when it exists, so writing
+replaces all five files: a stale one left by an earlier run never overrides
+the poses.
+
+Before pycolmap reads a text model, :func:`read_colmap_text` checks it line
+by line: pycolmap 4.2.1's reader names no file or line and takes some
+garbage silently (measured: a zero quaternion is kept, a colour of 300 is
+read as 44, a width of -640 as 2**64 - 640, a garbled 2D-points line is
+accepted, a last image without its 2D-points line is dropped, and ``32O``
+is read as 32 and then reported as ``Check failed: camera.VerifyParams()``).
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +57,9 @@ SUPPORTED_MODELS = {
 
 #: grey given to points written without colours
 DEFAULT_POINT_COLOR = (128, 128, 128)
+
+#: the model files pycolmap 4 writes and reads
+MODEL_FILES = ("cameras", "images", "points3D", "rigs", "frames")
 
 _ORTHONORMAL_TOL = 1e-6
 
@@ -90,29 +102,17 @@ class ColmapModel:
 def rotmat_to_qvec(R: np.ndarray) -> np.ndarray:
     """Unit quaternion ``[w, x, y, z]`` (Hamilton, ``w >= 0``) of a rotation matrix [3, 3].
 
-    COLMAP's order in its text files; pycolmap's ``Rotation3d.quat`` is the
-    same quaternion in ``[x, y, z, w]`` order. Shepperd's method: accurate to
-    float64 rounding for every rotation, including 180-degree ones.
+    COLMAP's order in its text files; pycolmap's ``Rotation3d.quat``, which
+    computes it, is the same quaternion in ``[x, y, z, w]`` order.
     """
+    import pycolmap
+
     R = np.asarray(R, dtype=np.float64)
     if R.shape != (3, 3):
         raise ShapeError("R", tuple(R.shape), "[3, 3]")
-    tr = R[0, 0] + R[1, 1] + R[2, 2]
-    if tr > 0.0:
-        s = 2.0 * np.sqrt(tr + 1.0)
-        q = [0.25 * s, (R[2, 1] - R[1, 2]) / s, (R[0, 2] - R[2, 0]) / s, (R[1, 0] - R[0, 1]) / s]
-    elif R[0, 0] > R[1, 1] and R[0, 0] > R[2, 2]:
-        s = 2.0 * np.sqrt(1.0 + R[0, 0] - R[1, 1] - R[2, 2])
-        q = [(R[2, 1] - R[1, 2]) / s, 0.25 * s, (R[0, 1] + R[1, 0]) / s, (R[0, 2] + R[2, 0]) / s]
-    elif R[1, 1] > R[2, 2]:
-        s = 2.0 * np.sqrt(1.0 + R[1, 1] - R[0, 0] - R[2, 2])
-        q = [(R[0, 2] - R[2, 0]) / s, (R[0, 1] + R[1, 0]) / s, 0.25 * s, (R[1, 2] + R[2, 1]) / s]
-    else:
-        s = 2.0 * np.sqrt(1.0 + R[2, 2] - R[0, 0] - R[1, 1])
-        q = [(R[1, 0] - R[0, 1]) / s, (R[0, 2] + R[2, 0]) / s, (R[1, 2] + R[2, 1]) / s, 0.25 * s]
-    qv = np.asarray(q, dtype=np.float64)
-    qv /= np.linalg.norm(qv)
-    return -qv if qv[0] < 0.0 else qv
+    x, y, z, w = pycolmap.Rotation3d(R).quat
+    q = np.array([w, x, y, z]) / np.linalg.norm([w, x, y, z])
+    return -q if q[0] < 0.0 else q
 
 
 def qvec_to_rotmat(q: np.ndarray) -> np.ndarray:
@@ -134,23 +134,36 @@ def qvec_to_rotmat(q: np.ndarray) -> np.ndarray:
     ])
 
 
-# --------------------------------------------------------------------------- writing
+# --------------------------------------------------------------------------- intrinsics
 
-def _num(x: float) -> str:
-    """Shortest text that reads back to the same float64."""
-    return repr(float(x))
-
-
-def _camera_line(cam_id: int, intr: Intrinsics) -> str:
+def colmap_params(intr: Intrinsics) -> tuple[str, list[float]]:
+    """COLMAP model name and parameters (COLMAP pixel convention) of twinstudio intrinsics."""
     k1, k2, p1, p2, k3 = (float(d) for d in intr.dist)
     params = [intr.fx, intr.fy, intr.cx + PIXEL_OFFSET, intr.cy + PIXEL_OFFSET, k1, k2, p1, p2]
-    if k3 == 0.0:
-        model = "OPENCV"
-    else:
-        model = "FULL_OPENCV"
-        params += [k3, 0.0, 0.0, 0.0]
-    return f"{cam_id} {model} {int(intr.width)} {int(intr.height)} " + " ".join(_num(p) for p in params)
+    return ("OPENCV", params) if k3 == 0.0 else ("FULL_OPENCV", [*params, k3, 0.0, 0.0, 0.0])
 
+
+def colmap_intrinsics(model: str, width: int, height: int, p: list[float], path: Path | None = None,
+                      lineno: int | None = None) -> Intrinsics:
+    """Twinstudio intrinsics (OpenCV pixel convention) of a COLMAP camera model and its parameters."""
+    if model not in SUPPORTED_MODELS:
+        raise ColmapError(f"unsupported camera model {model!r} (supported: {', '.join(SUPPORTED_MODELS)})",
+                          path=path, line=lineno)
+    if any(v != 0.0 for v in p[9:12]):  # FULL_OPENCV: fx fy cx cy k1 k2 p1 p2 k3 k4 k5 k6
+        raise ColmapError(f"FULL_OPENCV with rational terms k4 k5 k6 = {p[9:12]} cannot be "
+                          "expressed in OpenCV's k1 k2 p1 p2 k3 model", path=path, line=lineno)
+    if model in ("SIMPLE_PINHOLE", "SIMPLE_RADIAL", "RADIAL"):  # f cx cy [k1 [k2]]
+        fx, fy, cx, cy, rest = p[0], p[0], p[1], p[2], p[3:]
+    else:  # PINHOLE, OPENCV, FULL_OPENCV: fx fy cx cy [k1 k2 p1 p2 [k3]]
+        fx, fy, cx, cy, rest = *p[:4], p[4:9]
+    dist = tuple(rest) + (0.0,) * (5 - len(rest))
+    if width <= 0 or height <= 0 or fx <= 0 or fy <= 0:
+        raise ColmapError(f"image size {width}x{height} and focal lengths {fx}, {fy} must be positive",
+                          path=path, line=lineno)
+    return Intrinsics(width, height, fx, fy, cx - PIXEL_OFFSET, cy - PIXEL_OFFSET, dist)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- writing
 
 def _check_camera(cam: Camera) -> None:
     intr, R, t = cam.intrinsics, cam.pose.R, cam.pose.t
@@ -175,30 +188,26 @@ def _check_name(name: str, cam_id: str) -> None:
                           "format cannot store", camera=cam_id)
 
 
-def _points_lines(points: np.ndarray | None, point_colors: object) -> list[str]:
+def _checked_points(points: np.ndarray | None, point_colors: object) -> tuple[np.ndarray, np.ndarray]:
+    """Points [N, 3] float64 and their colours [N, 3] uint8 (grey when not given), checked."""
     if points is None:
         if point_colors is not None:
             raise ColmapError("point_colors given without points")
-        return []
+        return np.zeros((0, 3)), np.zeros((0, 3), dtype=np.uint8)
     pts = np.asarray(points, dtype=np.float64)
     if pts.ndim != 2 or pts.shape[1] != 3:
         raise ShapeError("points", tuple(pts.shape), "[N, 3]")
     if not np.all(np.isfinite(pts)):
         raise ColmapError("points hold a non-finite coordinate")
     if point_colors is None:
-        cols = np.broadcast_to(np.asarray(DEFAULT_POINT_COLOR, dtype=np.int64), pts.shape)
-    else:
-        raw = np.asarray(point_colors)
-        if raw.shape != pts.shape:
-            raise ShapeError("point_colors", tuple(raw.shape), f"[{len(pts)}, 3]")
-        if not np.issubdtype(raw.dtype, np.number) or not np.all(np.isfinite(raw)) \
-                or raw.min(initial=0) < 0 or raw.max(initial=0) > 255 or np.any(raw != np.round(raw)):
-            raise ColmapError("point_colors must be whole numbers 0..255 (RGB)")
-        cols = raw.astype(np.int64)
-    # ERROR 0.0 rather than COLMAP's -1 ("not computed"): readers that average
-    # or threshold the error then keep these track-less points.
-    return [f"{i + 1} {_num(p[0])} {_num(p[1])} {_num(p[2])} {c[0]} {c[1]} {c[2]} 0.0"
-            for i, (p, c) in enumerate(zip(pts, cols))]
+        return pts, np.broadcast_to(np.asarray(DEFAULT_POINT_COLOR, dtype=np.uint8), pts.shape)
+    raw = np.asarray(point_colors)
+    if raw.shape != pts.shape:
+        raise ShapeError("point_colors", tuple(raw.shape), f"[{len(pts)}, 3]")
+    if not np.issubdtype(raw.dtype, np.number) or not np.all(np.isfinite(raw)) \
+            or raw.min(initial=0) < 0 or raw.max(initial=0) > 255 or np.any(raw != np.round(raw)):
+        raise ColmapError("point_colors must be whole numbers 0..255 (RGB)")
+    return pts, raw.astype(np.uint8)
 
 
 def write_colmap_text(folder: Path | str, cameras: Sequence[Camera],
@@ -206,14 +215,16 @@ def write_colmap_text(folder: Path | str, cameras: Sequence[Camera],
                       point_colors: np.ndarray | None = None) -> None:
     """Write ``cameras`` (and optional ``points`` [N, 3], colours [N, 3] RGB 0..255) as a COLMAP text model.
 
-    Creates ``folder`` if needed and writes ``cameras.txt``, ``images.txt``,
-    ``points3D.txt`` (tracks empty) plus a trivial ``rigs.txt`` and
-    ``frames.txt``, each atomically. Image ``i`` is ``cameras[i]`` with
-    ``IMAGE_ID = CAMERA_ID = i + 1`` and NAME ``image_names.get(camera.id,
-    f"{camera.id}.jpg")``. Principal points are shifted by +0.5 px to
-    COLMAP's pixel convention. Every input is checked before anything is
-    written; raises ColmapError (or ShapeError) naming the camera.
+    Creates ``folder`` if needed and writes, through pycolmap, ``cameras.txt``,
+    ``images.txt``, ``points3D.txt`` (tracks empty, ERROR 0), ``rigs.txt`` and
+    ``frames.txt`` (trivial rigs and frames), each atomically. Image ``i`` is
+    ``cameras[i]`` with ``IMAGE_ID = CAMERA_ID = i + 1`` and NAME
+    ``image_names.get(camera.id, f"{camera.id}.jpg")``. Principal points are
+    shifted by +0.5 px to COLMAP's pixel convention. Every input is checked
+    before anything is written; raises ColmapError (or ShapeError) naming the camera.
     """
+    import pycolmap
+
     image_names = image_names or {}
     cameras = list(cameras)
     ids = [c.id for c in cameras]
@@ -226,54 +237,32 @@ def write_colmap_text(folder: Path | str, cameras: Sequence[Camera],
         _check_name(name, cam.id)
         if names.count(name) > 1:
             raise ColmapError(f"image name {name!r} is given to more than one camera", camera=cam.id)
-    point_lines = _points_lines(points, point_colors)
+    pts, cols = _checked_points(points, point_colors)
 
-    cam_lines, image_lines, rig_lines, frame_lines = [], [], [], []
-    for i, (cam, name) in enumerate(zip(cameras, names)):
-        k = i + 1
-        q = rotmat_to_qvec(cam.pose.R)
-        pose = " ".join(_num(v) for v in (*q, *cam.pose.t))
-        cam_lines.append(_camera_line(k, cam.intrinsics))
-        image_lines += [f"{k} {pose} {k} {name}", ""]  # the empty line: no 2D points
-        rig_lines.append(f"{k} 1 CAMERA {k}")
-        frame_lines.append(f"{k} {k} {pose} 1 CAMERA {k} {k}")
+    rec = pycolmap.Reconstruction()
+    for k, (cam, name) in enumerate(zip(cameras, names), start=1):
+        model, params = colmap_params(cam.intrinsics)
+        rec.add_camera_with_trivial_rig(pycolmap.Camera(model=model, width=int(cam.intrinsics.width),
+                                                        height=int(cam.intrinsics.height), params=params,
+                                                        camera_id=k))
+        w, x, y, z = rotmat_to_qvec(cam.pose.R)
+        cam_from_world = pycolmap.Rigid3d(pycolmap.Rotation3d([x, y, z, w]), np.asarray(cam.pose.t, np.float64))
+        rec.add_image_with_trivial_frame(pycolmap.Image(name=name, camera_id=k, image_id=k), cam_from_world)
+    points3D = rec.points3D
+    for p, c in zip(pts, cols):
+        # ERROR 0 rather than COLMAP's -1 ("not computed"): readers that average
+        # or threshold the error then keep these track-less points.
+        points3D[rec.add_point3D(p, pycolmap.Track(), c)].error = 0.0
 
-    n = len(cameras)
-    files = {
-        "cameras.txt": ["# Camera list with one line of data per camera:",
-                        "#   CAMERA_ID, MODEL, WIDTH, HEIGHT, PARAMS[]",
-                        "# Principal points in COLMAP's convention (top-left pixel centre at 0.5, 0.5)",
-                        f"# Number of cameras: {n}", *cam_lines],
-        "images.txt": ["# Image list with two lines of data per image:",
-                       "#   IMAGE_ID, QW, QX, QY, QZ, TX, TY, TZ, CAMERA_ID, NAME",
-                       "#   POINTS2D[] as (X, Y, POINT3D_ID)",
-                       f"# Number of images: {n}, mean observations per image: 0", *image_lines],
-        "points3D.txt": ["# 3D point list with one line of data per point:",
-                         "#   POINT3D_ID, X, Y, Z, R, G, B, ERROR, TRACK[] as (IMAGE_ID, POINT2D_IDX)",
-                         f"# Number of points: {len(point_lines)}, mean track length: 0", *point_lines],
-        "rigs.txt": ["# Rig calib list with one line of data per calib:",
-                     ("#   RIG_ID, NUM_SENSORS, REF_SENSOR_TYPE, REF_SENSOR_ID, SENSORS[] as "
-                      "(SENSOR_TYPE, SENSOR_ID, HAS_POSE, [QW, QX, QY, QZ, TX, TY, TZ])"),
-                     f"# Number of rigs: {n}", *rig_lines],
-        "frames.txt": ["# Frame list with one line of data per frame:",
-                       ("#   FRAME_ID, RIG_ID, RIG_FROM_WORLD[QW, QX, QY, QZ, TX, TY, TZ], NUM_DATA_IDS, "
-                        "DATA_IDS[] as (SENSOR_TYPE, SENSOR_ID, DATA_ID)"),
-                       f"# Number of frames: {n}", *frame_lines],
-    }
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    for fname, lines in files.items():
-        atomic_write_bytes(folder / fname, ("\n".join(lines) + "\n").encode("utf-8"))
+    with tempfile.TemporaryDirectory(prefix="twinstudio-colmap-") as tmp:
+        rec.write_text(tmp)
+        for stem in MODEL_FILES:
+            atomic_write_bytes(folder / f"{stem}.txt", (Path(tmp) / f"{stem}.txt").read_bytes())
 
 
-# --------------------------------------------------------------------------- reading
-
-def strip_extension(name: str) -> str:
-    """An image NAME without the extension of its last component: ``"a/cam01.jpg"`` -> ``"a/cam01"``."""
-    head, sep, tail = name.rpartition("/")
-    dot = tail.rfind(".")
-    return head + sep + (tail[:dot] if dot > 0 else tail)
-
+# --------------------------------------------------------------------------- checking text files
 
 def _data_lines(path: Path) -> list[tuple[int, str]]:
     """(1-based line number, stripped text) of every line of ``path``; ColmapError if unreadable."""
@@ -301,41 +290,16 @@ def _parse(tokens: list[str], kinds: str, path: Path, lineno: int, what: str) ->
     return out
 
 
-def colmap_intrinsics(model: str, width: int, height: int, p: list[float], path: Path | None = None,
-                      lineno: int | None = None) -> Intrinsics:
-    """Twinstudio intrinsics (OpenCV pixel convention) of a COLMAP camera model and its parameters."""
-    off = PIXEL_OFFSET
-    if model not in ("SIMPLE_PINHOLE", "PINHOLE", "SIMPLE_RADIAL", "RADIAL", "OPENCV", "FULL_OPENCV"):
-        raise ColmapError(f"COLMAP camera model {model} is not supported", path=path, line=lineno, model=model)
-    if model == "SIMPLE_PINHOLE":
-        fx = fy = p[0]
-        cx, cy, dist = p[1], p[2], (0.0,) * 5
-    elif model == "PINHOLE":
-        fx, fy, cx, cy = p
-        dist = (0.0,) * 5
-    elif model == "SIMPLE_RADIAL":
-        fx = fy = p[0]
-        cx, cy, dist = p[1], p[2], (p[3], 0.0, 0.0, 0.0, 0.0)
-    elif model == "RADIAL":
-        fx = fy = p[0]
-        cx, cy, dist = p[1], p[2], (p[3], p[4], 0.0, 0.0, 0.0)
-    elif model == "OPENCV":
-        fx, fy, cx, cy = p[:4]
-        dist = (p[4], p[5], p[6], p[7], 0.0)
-    else:  # FULL_OPENCV
-        if any(v != 0.0 for v in p[9:12]):
-            raise ColmapError(f"FULL_OPENCV with rational terms k4 k5 k6 = {p[9:12]} cannot be "
-                              "expressed in OpenCV's k1 k2 p1 p2 k3 model", path=path, line=lineno)
-        fx, fy, cx, cy = p[:4]
-        dist = (p[4], p[5], p[6], p[7], p[8])
-    if width <= 0 or height <= 0 or fx <= 0 or fy <= 0:
-        raise ColmapError(f"image size {width}x{height} and focal lengths {fx}, {fy} must be positive",
-                          path=path, line=lineno)
-    return Intrinsics(width, height, fx, fy, cx - off, cy - off, tuple(dist))  # type: ignore[arg-type]
+def _check_numbers(tokens: list[str], dtype: type, path: Path, lineno: int, what: str) -> None:
+    try:
+        np.array(tokens, dtype=np.float64 if dtype is float else np.int64)
+    except ValueError:
+        raise ColmapError(f"{what}: not all {len(tokens)} fields are numbers", path=path, line=lineno) from None
 
 
-def _read_cameras(path: Path) -> dict[int, Intrinsics]:
-    cams: dict[int, Intrinsics] = {}
+def _check_cameras(path: Path) -> dict[int, int]:
+    """Line-check ``cameras.txt``; returns {CAMERA_ID: line}."""
+    lines: dict[int, int] = {}
     for lineno, s in _data_lines(path):
         if not s or s.startswith("#"):
             continue
@@ -352,59 +316,55 @@ def _read_cameras(path: Path) -> dict[int, Intrinsics]:
             raise ColmapError(f"model {model} takes {n} parameters, got {len(tok) - 4}",
                               path=path, line=lineno)
         cam_id, width, height = _parse(tok[:1] + tok[2:4], "iii", path, lineno, "camera")
-        params = _parse(tok[4:], "f" * n, path, lineno, f"{model} parameters")
-        if cam_id in cams:
+        _parse(tok[4:], "f" * n, path, lineno, f"{model} parameters")
+        if width <= 0 or height <= 0:
+            raise ColmapError(f"image size {width}x{height} must be positive", path=path, line=lineno)
+        if cam_id in lines:
             raise ColmapError(f"CAMERA_ID {cam_id} appears twice", path=path, line=lineno)
-        cams[cam_id] = colmap_intrinsics(model, width, height, params, path, lineno)
-    return cams
+        lines[cam_id] = lineno
+    return lines
 
 
-def _read_images(path: Path, intrinsics: dict[int, Intrinsics],
-                 id_from_name: Callable[[str], str]) -> tuple[list[Camera], dict[str, str]]:
-    lines = _data_lines(path)
-    found: list[tuple[int, Camera, str]] = []
-    image_ids: set[int] = set()
-    where: dict[str, int] = {}
+def _check_images(path: Path, cameras: dict[int, int]) -> dict[int, int]:
+    """Line-check ``images.txt`` (an image line, then its POINTS2D line); returns {IMAGE_ID: line}."""
+    rows = _data_lines(path)
+    lines: dict[int, int] = {}
     i = 0
-    while i < len(lines):
-        lineno, s = lines[i]
+    while i < len(rows):
+        lineno, s = rows[i]
         i += 1
         if not s or s.startswith("#"):
             continue
-        i += 1  # the POINTS2D line that follows every image line (possibly empty)
-        tok = s.split(maxsplit=9)
-        if len(tok) != 10 or not tok[9].strip():
-            raise ColmapError("expected IMAGE_ID QW QX QY QZ TX TY TZ CAMERA_ID NAME, got "
-                              f"{len(tok)} fields", path=path, line=lineno)
+        tok = s.split()
+        if len(tok) != 10:
+            raise ColmapError("expected IMAGE_ID QW QX QY QZ TX TY TZ CAMERA_ID NAME (a NAME without "
+                              f"whitespace), got {len(tok)} fields", path=path, line=lineno)
         image_id, = _parse(tok[:1], "i", path, lineno, "IMAGE_ID")
-        q = _parse(tok[1:5], "ffff", path, lineno, "quaternion")
-        t = _parse(tok[5:8], "fff", path, lineno, "translation")
+        _parse(tok[1:5], "ffff", path, lineno, "quaternion")
+        _parse(tok[5:8], "fff", path, lineno, "translation")
         cam_ref, = _parse(tok[8:9], "i", path, lineno, "CAMERA_ID")
-        name = tok[9].strip()
-        if image_id in image_ids:
+        if image_id in lines:
             raise ColmapError(f"IMAGE_ID {image_id} appears twice", path=path, line=lineno)
-        image_ids.add(image_id)
-        if cam_ref not in intrinsics:
+        if cam_ref not in cameras:
             raise ColmapError(f"CAMERA_ID {cam_ref} is not in cameras.txt", path=path, line=lineno)
-        try:
-            R = qvec_to_rotmat(np.asarray(q))
-        except ValueError as e:
-            raise ColmapError(str(e), path=path, line=lineno) from None
-        cid = id_from_name(name)
-        if cid in where:
-            raise ColmapError(f"image {name!r} gives camera id {cid!r}, as does line {where[cid]}",
-                              path=path, line=lineno, camera=cid)
-        where[cid] = lineno
-        found.append((image_id, Camera(cid, intrinsics[cam_ref], Pose(R, np.asarray(t))), name))
-    found.sort(key=lambda f: f[0])
-    return [c for _, c, _ in found], {c.id: n for _, c, n in found}
+        lines[image_id] = lineno
+        if i == len(rows):
+            raise ColmapError("the image has no POINTS2D line after it (empty when there are no points): "
+                              "COLMAP's reader would drop the image", path=path, line=lineno)
+        lineno, s = rows[i]  # the POINTS2D line that follows every image line
+        i += 1
+        tok = s.split()
+        if len(tok) % 3:
+            raise ColmapError(f"expected POINTS2D[] as (X, Y, POINT3D_ID), got {len(tok)} fields",
+                              path=path, line=lineno)
+        _check_numbers(tok, float, path, lineno, "POINTS2D")
+    return lines
 
 
-def _read_points(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    if not path.exists():
-        return np.zeros((0, 3)), np.zeros((0, 3), dtype=np.uint8)
-    xyz: list[list[float]] = []
-    rgb: list[list[int]] = []
+def _check_points(path: Path) -> None:
+    """Line-check ``points3D.txt``: every line at once through numpy, then the first bad one by itself."""
+    heads: list[list[str]] = []  # POINT3D_ID X Y Z R G B ERROR of each point
+    where: list[int] = []
     for lineno, s in _data_lines(path):
         if not s or s.startswith("#"):
             continue
@@ -412,32 +372,106 @@ def _read_points(path: Path) -> tuple[np.ndarray, np.ndarray]:
         if len(tok) < 8 or (len(tok) - 8) % 2:
             raise ColmapError("expected POINT3D_ID X Y Z R G B ERROR TRACK[] as (IMAGE_ID, POINT2D_IDX), "
                               f"got {len(tok)} fields", path=path, line=lineno)
-        v = _parse(tok[:8], "ifffiiif", path, lineno, "3D point")
+        if len(tok) > 8:
+            _check_numbers(tok[8:], int, path, lineno, "TRACK")
+        heads.append(tok[:8])
+        where.append(lineno)
+    table = np.array(heads, dtype=str).reshape(-1, 8)
+    try:
+        ints, floats = table[:, [0, 4, 5, 6]].astype(np.int64), table[:, [1, 2, 3, 7]].astype(np.float64)
+        ok = np.isfinite(floats).all(axis=1) & ((ints[:, 1:] >= 0) & (ints[:, 1:] <= 255)).all(axis=1)
+    except ValueError:
+        ok = np.zeros(len(table), dtype=bool)
+    for i in np.flatnonzero(~ok):  # raises at the first
+        v = _parse(heads[i], "ifffiiif", path, where[i], "3D point")
         if not all(0 <= c <= 255 for c in v[4:7]):
-            raise ColmapError(f"colour {v[4:7]} is outside 0..255", path=path, line=lineno)
-        xyz.append(v[1:4])
-        rgb.append(v[4:7])
-    return (np.asarray(xyz, dtype=np.float64).reshape(-1, 3),
-            np.asarray(rgb, dtype=np.uint8).reshape(-1, 3))
+            raise ColmapError(f"colour {v[4:7]} is outside 0..255", path=path, line=where[i])
+
+
+# --------------------------------------------------------------------------- reading
+
+def strip_extension(name: str) -> str:
+    """An image NAME without the extension of its last component: ``"a/cam01.jpg"`` -> ``"a/cam01"``."""
+    head, sep, tail = name.rpartition("/")
+    dot = tail.rfind(".")
+    return head + sep + (tail[:dot] if dot > 0 else tail)
+
+
+def _load(folder: Path, text: bool):
+    """pycolmap ``Reconstruction`` of the model in ``folder``; its errors become ColmapError naming the folder."""
+    import pycolmap
+
+    with tempfile.TemporaryDirectory(prefix="twinstudio-colmap-") as tmp:
+        src = folder
+        if text and not (folder / "points3D.txt").is_file():  # pycolmap needs one: no points
+            src = Path(tmp)
+            for stem in MODEL_FILES:
+                if (folder / f"{stem}.txt").is_file():
+                    os.symlink((folder / f"{stem}.txt").resolve(), src / f"{stem}.txt")
+            (src / "points3D.txt").touch()
+        rec = pycolmap.Reconstruction()
+        try:
+            rec.read_text(src) if text else rec.read_binary(src)
+        except (ValueError, IndexError, RuntimeError) as e:
+            raise ColmapError(f"pycolmap {pycolmap.__version__} cannot read the model: {e}", path=folder) from None
+    return rec
 
 
 def read_colmap_text(folder: Path | str, *,
                      id_from_name: Callable[[str], str] = strip_extension) -> ColmapModel:
-    """Read a COLMAP text model into twinstudio cameras (OpenCV pixel convention).
+    """Read a COLMAP model (text, or binary when there is no ``cameras.txt``) through pycolmap.
 
-    Reads ``cameras.txt`` (models SIMPLE_PINHOLE, PINHOLE, SIMPLE_RADIAL,
-    RADIAL, OPENCV, and FULL_OPENCV with ``k4 = k5 = k6 = 0``), ``images.txt``
-    (the pose per image) and ``points3D.txt`` (optional: no points when
-    missing; tracks ignored). ``rigs.txt``/``frames.txt`` are not read: COLMAP
-    writes each image's composed ``cam_from_world`` into ``images.txt``.
-    Principal points are shifted by -0.5 px. A camera's id is
-    ``id_from_name(NAME)``, by default the image NAME without its extension.
-    Raises ColmapError naming the file and line.
+    Camera models SIMPLE_PINHOLE, PINHOLE, SIMPLE_RADIAL, RADIAL, OPENCV, and
+    FULL_OPENCV with ``k4 = k5 = k6 = 0`` become twinstudio intrinsics, with
+    principal points shifted by -0.5 px (OpenCV pixel convention). Poses are
+    each image's ``cam_from_world`` (from ``frames.txt`` when there is one,
+    as pycolmap reads them); ``points3D.txt`` is optional (no points when
+    missing) and tracks are ignored. A camera's id is ``id_from_name(NAME)``,
+    by default the image NAME without its extension. Text files are checked
+    line by line first; raises ColmapError naming the file and line.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise ColmapError("is not a folder", path=folder)
-    intrinsics = _read_cameras(folder / "cameras.txt")
-    cameras, names = _read_images(folder / "images.txt", intrinsics, id_from_name)
-    points, colors = _read_points(folder / "points3D.txt")
+    text = (folder / "cameras.txt").is_file() or not (folder / "cameras.bin").is_file()
+    ext = "txt" if text else "bin"
+    cam_lines: dict[int, int] = {}
+    image_lines: dict[int, int] = {}
+    if text:
+        cam_lines = _check_cameras(folder / "cameras.txt")
+        image_lines = _check_images(folder / "images.txt", cam_lines)
+        if (folder / "points3D.txt").is_file():
+            _check_points(folder / "points3D.txt")
+    rec = _load(folder, text)
+
+    intrinsics = {cid: colmap_intrinsics(c.model.name, int(c.width), int(c.height), [float(x) for x in c.params],
+                                         folder / f"cameras.{ext}", cam_lines.get(cid))
+                  for cid, c in rec.cameras.items()}
+    cameras: list[Camera] = []
+    names: dict[str, str] = {}
+    image_of: dict[str, int] = {}
+    path = folder / f"images.{ext}"
+    for image_id in sorted(rec.images):
+        image, line = rec.images[image_id], image_lines.get(image_id)
+        if not image.has_pose:
+            raise ColmapError(f"image {image.name!r} has no pose", path=path, line=line)
+        cam_from_world = image.cam_from_world()
+        x, y, z, w = cam_from_world.rotation.quat
+        try:
+            R = qvec_to_rotmat(np.array([w, x, y, z]))
+        except ValueError as e:
+            raise ColmapError(str(e), path=path, line=line) from None
+        cid = id_from_name(image.name)
+        if cid in image_of:
+            other = image_of[cid]
+            raise ColmapError(f"image {image.name!r} gives camera id {cid!r}, as does "
+                              + (f"line {image_lines[other]}" if other in image_lines else f"IMAGE_ID {other}"),
+                              path=path, line=line, camera=cid)
+        image_of[cid] = image_id
+        cameras.append(Camera(cid, intrinsics[image.camera_id], Pose(R, np.array(cam_from_world.translation))))
+        names[cid] = image.name
+    points3D = rec.points3D
+    point_ids = sorted(rec.point3D_ids())
+    points = np.array([points3D[i].xyz for i in point_ids], dtype=np.float64).reshape(-1, 3)
+    colors = np.array([points3D[i].color for i in point_ids], dtype=np.uint8).reshape(-1, 3)
     return ColmapModel(cameras, names, points, colors)

@@ -44,6 +44,7 @@ shared consent gate for scope ``train`` (:func:`require_train_consent`).
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import time
@@ -496,8 +497,10 @@ def read_dataset(path: Path | str) -> dict:
 
 
 def write_seed_points(mesh_path: Path, out: Path, n: int, seed: int = 0) -> int:
-    """``n`` coloured points sampled on the mesh's surface, as an ASCII-free binary PLY open3d reads."""
+    """``n`` coloured points sampled on the mesh's surface, as a binary PLY (plyfile): float32 x y z,
+    uchar red green blue."""
     import open3d as o3d
+    from plyfile import PlyData, PlyElement
 
     mesh = o3d.io.read_triangle_mesh(str(mesh_path))
     if len(mesh.triangles) == 0:
@@ -513,13 +516,13 @@ def write_seed_points(mesh_path: Path, out: Path, n: int, seed: int = 0) -> int:
     bary = np.stack([1 - s, s * (1 - r2), s * r2], axis=1)
     pts = np.einsum("nk,nkd->nd", bary, v[f[tri]])
     rgb = np.einsum("nk,nkd->nd", bary, col[f[tri]])
-    header = ("ply\nformat binary_little_endian 1.0\ncomment seed points sampled on the reconstructed mesh\n"
-              f"element vertex {n}\nproperty float x\nproperty float y\nproperty float z\n"
-              "property uchar red\nproperty uchar green\nproperty uchar blue\nend_header\n").encode()
-    rec = np.empty(n, dtype=[("p", "<f4", 3), ("c", "u1", 3)])
-    rec["p"] = pts
-    rec["c"] = np.clip(np.round(rgb * 255), 0, 255)
-    atomic_write_bytes(out, header + rec.tobytes())
+    rec = np.empty(n, dtype=[(k, "<f4") for k in "xyz"] + [(k, "u1") for k in ("red", "green", "blue")])
+    rec["x"], rec["y"], rec["z"] = pts.T
+    rec["red"], rec["green"], rec["blue"] = np.clip(np.round(rgb * 255), 0, 255).T
+    buf = io.BytesIO()
+    PlyData([PlyElement.describe(rec, "vertex")], byte_order="<",
+            comments=["seed points sampled on the reconstructed mesh"]).write(buf)
+    atomic_write_bytes(out, buf.getvalue())
     return n
 
 

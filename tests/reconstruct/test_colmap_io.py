@@ -1,4 +1,4 @@
-"""COLMAP text models: round trips, the half-pixel convention, and pycolmap agreement."""
+"""COLMAP models through pycolmap: round trips, the half-pixel convention, binary models, helpful errors."""
 
 from __future__ import annotations
 
@@ -108,7 +108,7 @@ def test_principal_point_is_shifted_half_a_pixel(tmp_path: Path) -> None:
     write_colmap_text(tmp_path, [cam])
     fields = _data_lines(tmp_path / "cameras.txt")[0].split()
     assert fields[:4] == ["1", "OPENCV", "1280", "960"]
-    assert fields[4:8] == ["1100.0", "1105.0", "640.0", "480.0"]
+    assert [float(f) for f in fields[4:8]] == [1100.0, 1105.0, 640.0, 480.0]  # cx, cy + 0.5
 
     # COLMAP's projection of a point, by hand from the text file, minus 0.5 is OpenCV's
     fx, fy, cxc, cyc, k1, k2, p1, p2 = (float(v) for v in fields[4:12])
@@ -158,7 +158,7 @@ def test_reads_other_models_and_comments(tmp_path: Path) -> None:
         "10.5 20.5 -1 11.0 3.0 7\n"  # 2D points are skipped
         "3 2 0 0 0 0 0 1 3 c.jpg\n\n"
         "4 1 0 0 0 0 0 1 4 d.jpg\n\n"
-        "5 0 0 0 1 0 0 1 5 e.jpg\n")  # last image without its 2D-points line
+        "5 0 0 0 1 0 0 1 5 e.jpg\n\n")  # no points3D.txt: no points
     model = read_colmap_text(tmp_path)
     a, b, c, d, e = model.cameras
     assert a.intrinsics == Intrinsics(100, 80, 90.0, 90.0, 50.0, 40.0)
@@ -168,6 +168,7 @@ def test_reads_other_models_and_comments(tmp_path: Path) -> None:
     assert e.intrinsics.dist == (0.01, -0.002, 1e-4, 2e-4, 0.003)
     np.testing.assert_allclose(c.pose.R, np.eye(3), atol=1e-15)  # quaternion normalised
     np.testing.assert_allclose(e.pose.R, np.diag([-1.0, -1.0, 1.0]), atol=1e-15)
+    assert model.points.shape == (0, 3) and model.colors.shape == (0, 3)
 
 
 @pytest.mark.parametrize(("cameras", "images", "where", "words"), [
@@ -182,6 +183,15 @@ def test_reads_other_models_and_comments(tmp_path: Path) -> None:
      "images.txt:3", "gives camera id 'a', as does line 1"),
     ("1 PINHOLE 640 480 500 500 320 240\n", "1 0 0 0 0 0 0 1 1 a.jpg\n\n", "images.txt:1", "no direction"),
     ("1 PINHOLE 640 480 500 500 320 240\n", "1 1 0 0 0 0 nan 1 1 a.jpg\n\n", "images.txt:1", "not finite"),
+    ("1 PINHOLE -640 480 500 500 320 240\n", "", "cameras.txt:1", "image size -640x480 must be positive"),
+    # truncated and garbled images.txt: pycolmap would say "Check failed: line_stream1 >> image_id ..."
+    # or take the image (the garbled 2D points, a dropped last image) without a word
+    ("1 PINHOLE 640 480 500 500 320 240\n", "1 1 0 0 0 0 0 1 1 a.jpg\n\n2 1 0 0 0", "images.txt:3", "got 5 fields"),
+    ("1 PINHOLE 640 480 500 500 320 240\n", "1 1 0 0 0 0 0 1 1 a.jpg\n10.5 x 3\n", "images.txt:2",
+     "POINTS2D: not all 3 fields are numbers"),
+    ("1 PINHOLE 640 480 500 500 320 240\n", "1 1 0 0 0 0 0 1 1 a.jpg\n1 2\n", "images.txt:2", "got 2 fields"),
+    ("1 PINHOLE 640 480 500 500 320 240\n", "1 1 0 0 0 0 0 1 1 a.jpg\n\n2 1 0 0 0 0 0 1 1 b.jpg\n",
+     "images.txt:3", "no POINTS2D line"),
 ])
 def test_bad_lines_raise_naming_file_and_line(tmp_path: Path, cameras: str, images: str, where: str,
                                               words: str) -> None:
@@ -259,6 +269,7 @@ def test_pycolmap_reads_the_model_and_projects_like_opencv(tmp_path: Path, k3: f
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
         got_image = np.array([np.ravel(image.project_point(p)) for p in pts_c])
         np.testing.assert_allclose(got_image, want, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(got_image - 0.5, cam.project(pts_c)[0], rtol=0, atol=1e-6)
 
     p3d = np.array([rec.points3D[i].xyz for i in sorted(rec.point3D_ids())])
     np.testing.assert_allclose(p3d, pts, rtol=0, atol=1e-12)
@@ -278,6 +289,82 @@ def test_writing_over_a_pycolmap_model_replaces_its_frames(tmp_path: Path) -> No
     assert [c.id for c in read_colmap_text(tmp_path / "b").cameras] == ["cam00", "cam01"]
 
 
-def _write(folder: Path, cams: list[Camera]) -> Path:
-    write_colmap_text(folder, cams)
+def _write(folder: Path, cams: list[Camera], points: np.ndarray | None = None,
+           colors: np.ndarray | None = None) -> Path:
+    write_colmap_text(folder, cams, points=points, point_colors=colors)
     return folder
+
+
+def test_pycolmap_written_models_read_back_text_and_binary(tmp_path: Path) -> None:
+    """A model pycolmap wrote (text or binary) reads back to the same cameras, K, poses and points."""
+    pycolmap = pytest.importorskip("pycolmap")
+    cams = _random_cameras(seed=7, n=5, with_k3=True)
+    pts = np.random.default_rng(9).normal(0, 1, (30, 3))
+    cols = np.random.default_rng(10).integers(0, 256, (30, 3))
+    rec = pycolmap.Reconstruction(str(_write(tmp_path / "ours", cams, pts, cols)))
+    for kind in ("text", "binary"):
+        (tmp_path / kind).mkdir()
+        getattr(rec, f"write_{kind}")(str(tmp_path / kind))
+        model = read_colmap_text(tmp_path / kind)
+        assert [c.id for c in model.cameras] == [c.id for c in cams], kind
+        for a, b in zip(cams, model.cameras):
+            assert (b.intrinsics.width, b.intrinsics.height) == (a.intrinsics.width, a.intrinsics.height)
+            np.testing.assert_allclose(b.intrinsics.K, a.intrinsics.K, rtol=0, atol=1e-9)
+            np.testing.assert_allclose(b.intrinsics.dist_array, a.intrinsics.dist_array, rtol=0, atol=1e-12)
+            np.testing.assert_allclose(b.pose.matrix, a.pose.matrix, rtol=0, atol=1e-9)
+            probe = _points_in_view(a, n=10, seed=12)
+            np.testing.assert_allclose(b.project(probe)[0], a.project(probe)[0], rtol=0, atol=1e-6)
+        np.testing.assert_allclose(model.points, pts, rtol=0, atol=1e-12)
+        np.testing.assert_array_equal(model.colors, cols)
+    assert not (tmp_path / "binary" / "cameras.txt").exists()
+
+
+def test_written_files_are_deterministic_and_exact(tmp_path: Path) -> None:
+    cams = _random_cameras(seed=3, n=4, with_k3=False)
+    pts = np.random.default_rng(2).normal(0, 1, (7, 3))
+    a, b = _write(tmp_path / "a", cams, pts), _write(tmp_path / "b", cams, pts)
+    names = sorted(p.name for p in a.iterdir())
+    assert names == ["cameras.txt", "frames.txt", "images.txt", "points3D.txt", "rigs.txt"]
+    assert all((a / n).read_bytes() == (b / n).read_bytes() for n in names)
+    # 17 significant digits: the text reads back to the same float64
+    fields = _data_lines(a / "cameras.txt")[1].split()
+    assert float(fields[6]) == cams[1].intrinsics.cx + 0.5 and float(fields[4]) == cams[1].intrinsics.fx
+    point = _data_lines(a / "points3D.txt")[2].split()
+    assert [float(v) for v in point[1:4]] == pts[2].tolist() and point[4:8] == ["128", "128", "128", "0"]
+
+
+def test_what_pycolmap_cannot_read_names_the_folder(tmp_path: Path) -> None:
+    _write(tmp_path, [_studio_camera()])
+    (tmp_path / "frames.txt").write_text("1 1 garbage\n")  # not checked line by line: pycolmap's words
+    with pytest.raises(ColmapError, match=r"cannot read the model: .*Check failed") as info:
+        read_colmap_text(tmp_path)
+    assert info.value.path == tmp_path and str(tmp_path) in str(info.value)
+    (tmp_path / "frames.txt").unlink()
+    (tmp_path / "images.txt").write_text("1 1 0 0 0 0 0 1 1 a.jpg\n\n1 1 0 0 0 0 0 1 1 b.jpg\n\n")
+    with pytest.raises(ColmapError, match=r"images\.txt:3: IMAGE_ID 1 appears twice"):
+        read_colmap_text(tmp_path)
+
+
+def test_reads_a_colmap_model_with_rigs_tracks_and_2d_points(tmp_path: Path) -> None:
+    """pycolmap's synthetic model (3 rigs of 2 cameras, 2 frames each, 200 tracked points): each image's pose
+    is its rig's pose composed with the camera's pose in the rig, as COLMAP reads it."""
+    pycolmap = pytest.importorskip("pycolmap")
+    pycolmap.set_random_seed(3)
+    options = pycolmap.SyntheticDatasetOptions(num_rigs=3, num_cameras_per_rig=2, num_frames_per_rig=2,
+                                               num_points3D=200)
+    rec = pycolmap.synthesize_dataset(options)
+    rec.write_text(str(tmp_path))
+    model = read_colmap_text(tmp_path, id_from_name=lambda n: n)
+    assert len(model.cameras) == rec.num_images() == 12 and model.points.shape == (200, 3)
+    for image_id, cam in zip(sorted(rec.images), model.cameras):
+        image = rec.images[image_id]
+        assert cam.id == image.name
+        np.testing.assert_allclose(cam.pose.matrix[:3], image.cam_from_world().matrix(), rtol=0, atol=1e-9)
+        c = image.camera
+        assert c.model_name in ("SIMPLE_RADIAL", "PINHOLE", "SIMPLE_PINHOLE", "RADIAL", "OPENCV")
+        np.testing.assert_allclose([cam.intrinsics.cx, cam.intrinsics.cy],
+                                   [c.principal_point_x - 0.5, c.principal_point_y - 0.5], rtol=0, atol=1e-12)
+        xyz = np.array([rec.points3D[p.point3D_id].xyz for p in image.points2D if p.has_point3D()])
+        np.testing.assert_allclose(cam.project(xyz)[0] + 0.5, [image.project_point(x).ravel() for x in xyz],
+                                   rtol=0, atol=1e-6)
+    np.testing.assert_allclose(model.points, [rec.points3D[i].xyz for i in sorted(rec.point3D_ids())], atol=1e-12)

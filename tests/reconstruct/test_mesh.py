@@ -305,22 +305,73 @@ def test_mesh_topology():
 
 
 def test_encoders_round_trip(tmp_path):
+    """Each file read back by two libraries: the same vertices, faces, normals and colours, z up or glTF's y up."""
     import open3d as o3d
+    import trimesh
+    from plyfile import PlyData
 
     box = o3d.geometry.TriangleMesh.create_box()
     box.compute_vertex_normals()
     v, t, n = np.asarray(box.vertices), np.asarray(box.triangles), np.asarray(box.vertex_normals)
-    colors = np.linspace(0, 1, 24).reshape(8, 3)
-    (tmp_path / "m.ply").write_bytes(encode_ply(v, t, n, colors))
-    (tmp_path / "m.obj").write_bytes(encode_obj(v, t, n, colors))
-    (tmp_path / "m.glb").write_bytes(encode_glb(v, t, n, colors))
-    ply = o3d.io.read_triangle_mesh(str(tmp_path / "m.ply"))
-    assert np.allclose(np.asarray(ply.vertices), v) and np.array_equal(np.asarray(ply.triangles), t)
-    assert np.allclose(np.asarray(ply.vertex_colors), colors, atol=0.5 / 255 + 1e-9)
-    obj = o3d.io.read_triangle_mesh(str(tmp_path / "m.obj"))  # the reader may reorder the vertices
-    order = [int(np.argmin(np.linalg.norm(v - p, axis=1))) for p in np.asarray(obj.vertices)]
-    assert np.allclose(np.asarray(obj.vertex_colors), colors[order], atol=1e-4)
-    glb = o3d.io.read_triangle_mesh(str(tmp_path / "m.glb"))
-    assert len(glb.triangles) == 12
-    raw = (tmp_path / "m.glb").read_bytes()
-    assert raw[:4] == b"glTF" and len(raw) % 4 == 0
+    colors = np.linspace(0, 1, 24).reshape(8, 3)  # sRGB 0..1
+    u8 = np.round(colors * 255)
+    linear = np.where(colors <= 0.04045, colors / 12.92, ((colors + 0.055) / 1.055) ** 2.4)
+    for ext, enc in (("ply", encode_ply), ("obj", encode_obj), ("glb", encode_glb)):
+        data = enc(v, t, n, colors)
+        assert data == enc(v, t, n, colors), ext  # deterministic: bundles are hashed
+        (tmp_path / f"m.{ext}").write_bytes(data)
+
+    ply = PlyData.read(str(tmp_path / "m.ply"))
+    assert not ply.text and ply.byte_order == "<"
+    vert = ply["vertex"].data
+    assert [p.name for p in ply["vertex"].properties] == ["x", "y", "z", "nx", "ny", "nz", "red", "green", "blue",
+                                                          "alpha"]
+    assert vert["x"].dtype == np.float32 and vert["red"].dtype == np.uint8
+    np.testing.assert_allclose(np.stack([vert["x"], vert["y"], vert["z"]], 1), v, rtol=0, atol=1e-7)
+    np.testing.assert_array_equal(np.stack([vert["red"], vert["green"], vert["blue"]], 1), u8)
+    np.testing.assert_array_equal(np.stack(ply["face"].data["vertex_indices"]), t)
+    m = o3d.io.read_triangle_mesh(str(tmp_path / "m.ply"))
+    np.testing.assert_allclose(np.asarray(m.vertices), v, rtol=0, atol=1e-7)
+    np.testing.assert_array_equal(np.asarray(m.triangles), t)
+    np.testing.assert_allclose(np.asarray(m.vertex_normals), n, rtol=0, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(m.vertex_colors), u8 / 255, rtol=0, atol=1e-12)
+
+    obj = trimesh.load(tmp_path / "m.obj", process=False)
+    np.testing.assert_allclose(obj.vertices, v, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(obj.faces, t)
+    np.testing.assert_array_equal(obj.visual.vertex_colors[:, :3], u8)
+    m = o3d.io.read_triangle_mesh(str(tmp_path / "m.obj"))  # open3d may reorder the vertices
+    order = [int(np.argmin(np.linalg.norm(v - p, axis=1))) for p in np.asarray(m.vertices)]
+    np.testing.assert_allclose(np.asarray(m.vertices), v[order], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(m.vertex_colors), u8[order] / 255, rtol=0, atol=1e-6)
+
+    # glTF is y up: the node turns studio (x, y, z) into (x, z, -y); COLOR_0 is linear RGB float
+    y_up = np.stack([v[:, 0], v[:, 2], -v[:, 1]], 1)
+    scene = trimesh.load(tmp_path / "m.glb")
+    world = scene.to_geometry()
+    np.testing.assert_allclose(world.vertices, y_up, rtol=0, atol=1e-7)
+    np.testing.assert_array_equal(world.faces, t)
+    np.testing.assert_allclose(world.vertex_normals, np.stack([n[:, 0], n[:, 2], -n[:, 1]], 1), rtol=0, atol=1e-7)
+    (raw,) = scene.geometry.values()
+    np.testing.assert_allclose(raw.vertices, v, rtol=0, atol=1e-7)  # the vertex data stay in studio coordinates
+    np.testing.assert_allclose(raw.visual.vertex_attributes["color"], linear, rtol=0, atol=1e-7)
+    assert raw.visual.material.metallicFactor == 0.0 and raw.visual.material.roughnessFactor == 1.0
+    m = o3d.io.read_triangle_mesh(str(tmp_path / "m.glb"))  # reorders the vertices too
+    order = np.array([int(np.argmin(np.linalg.norm(y_up - p, axis=1))) for p in np.asarray(m.vertices)])
+    np.testing.assert_allclose(np.asarray(m.vertices), y_up[order], rtol=0, atol=1e-7)
+    np.testing.assert_array_equal(order[np.asarray(m.triangles)], t)
+    np.testing.assert_allclose(np.asarray(m.vertex_colors), linear[order], rtol=0, atol=1e-7)
+    raw_bytes = (tmp_path / "m.glb").read_bytes()
+    assert raw_bytes[:4] == b"glTF" and len(raw_bytes) % 4 == 0
+
+
+def test_encoders_without_normals_or_colours(tmp_path):
+    import open3d as o3d
+
+    v = np.array([[0.0, 0, 0], [1, 0, 0], [0, 1, 0]])
+    t = np.array([[0, 1, 2]])
+    for ext, enc in (("ply", encode_ply), ("obj", encode_obj), ("glb", encode_glb)):
+        (tmp_path / f"m.{ext}").write_bytes(enc(v, t))
+        m = o3d.io.read_triangle_mesh(str(tmp_path / f"m.{ext}"))
+        assert len(m.triangles) == 1 and not m.has_vertex_colors(), ext
+        assert not m.has_vertex_normals() or ext == "obj", ext

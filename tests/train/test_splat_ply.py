@@ -52,6 +52,27 @@ def test_round_trip(tmp_path, degree):
     assert not list(tmp_path.glob("*.partial"))
 
 
+def test_header_bytes_and_other_readers(tmp_path):
+    """The exact header, the float32 rows behind it, and open3d reading the positions."""
+    import open3d as o3d
+
+    p = _random_params(33, 2, seed=4)
+    path = write_splat_ply(tmp_path / "s.ply", p, comments=["session demo-001"])
+    data = path.read_bytes()
+    end = data.index(b"end_header\n") + len(b"end_header\n")
+    assert data[:end].decode("ascii").splitlines() == [
+        "ply", "format binary_little_endian 1.0", f"comment {GENERATOR_COMMENT}", f"comment {AI_DISCLOSURE_COMMENT}",
+        "comment session demo-001", "element vertex 33", *(f"property float {nm}" for nm in ply_property_names(2)),
+        "end_header"]
+    rows = np.frombuffer(data[end:], dtype="<f4").reshape(33, len(ply_property_names(2)))
+    np.testing.assert_array_equal(rows[:, :3], p.means)
+    np.testing.assert_array_equal(rows[:, -8], p.opacity_logits)
+    assert PlyData.read(str(path)).comments == [GENERATOR_COMMENT, AI_DISCLOSURE_COMMENT, "session demo-001"]
+    cloud = o3d.io.read_point_cloud(str(path))
+    np.testing.assert_array_equal(np.asarray(cloud.points), p.means.astype(np.float64))
+    assert np.all(np.asarray(cloud.normals) == 0)
+
+
 def test_property_names_and_order_as_viewers_read_them(tmp_path):
     p = _random_params(5, 3)
     path = write_splat_ply(tmp_path / "s.ply", p)
@@ -194,6 +215,10 @@ def test_unreadable_files_refused(tmp_path):
     PlyData([PlyElement.describe(arr, "vertex")]).write(str(tmp_path / "inf.ply"))
     with pytest.raises(SplatError, match="'opacity' has NaN/inf"):
         read_splat_ply(tmp_path / "inf.ply")
+    with pytest.raises(SplatError, match=r"junk\.ply: not a readable PLY"):
+        splat_ply_comments(tmp_path / "junk.ply")
+    with pytest.raises(SplatError, match="no such file"):
+        splat_ply_comments(tmp_path / "absent.ply")
 
 
 def test_from_splats_and_torch(tmp_path):
