@@ -124,7 +124,7 @@ from typing import Literal
 import cv2
 import numpy as np
 
-from reconstruct.colmap_io import ColmapError, colmap_intrinsics, read_colmap_text, write_colmap_text
+from reconstruct.colmap_io import ColmapError, colmap_intrinsics, colmap_params, read_colmap_text, write_colmap_text
 from reconstruct.inputs import (
     GroundTruth,
     ReconstructError,
@@ -501,13 +501,8 @@ def _colmap_camera(intr: Intrinsics, size: tuple[int, int]):
     import pycolmap
 
     w, h = size
-    k1, k2, p1, p2, k3 = (float(x) for x in intr.dist)
-    params = [intr.fx, intr.fy, intr.cx + _HALF, intr.cy + _HALF, k1, k2, p1, p2]
-    model = pycolmap.CameraModelId.OPENCV
-    if k3 != 0.0:
-        model = pycolmap.CameraModelId.FULL_OPENCV
-        params += [k3, 0.0, 0.0, 0.0]
-    cam = pycolmap.Camera(model=model, width=w, height=h, params=params)
+    model, params = colmap_params(intr)
+    cam = pycolmap.Camera(model=getattr(pycolmap.CameraModelId, model), width=w, height=h, params=params)
     cam.has_prior_focal_length = True
     return cam
 
@@ -1450,21 +1445,15 @@ def import_colmap(model_dir: Path | str, out_dir: Path | str) -> SfmResult:
         raise SfmError(f"{model_dir}: not a folder", path=str(model_dir))
     mean_err = None
     try:
-        if (model_dir / "cameras.txt").is_file():
-            model = read_colmap_text(model_dir, id_from_name=lambda n: n)
-        elif (model_dir / "cameras.bin").is_file():
-            import tempfile
-
+        if not (model_dir / "cameras.txt").is_file() and not (model_dir / "cameras.bin").is_file():
+            raise SfmError(f"{model_dir}: no COLMAP model (cameras.txt or cameras.bin)", path=str(model_dir))
+        if not (model_dir / "cameras.txt").is_file():  # binary: its tracks give the mean reprojection error
             import pycolmap
 
             with _quiet_colmap():
                 rec = pycolmap.Reconstruction(model_dir)
             mean_err = float(rec.compute_mean_reprojection_error()) if rec.num_points3D() else None
-            with tempfile.TemporaryDirectory() as tmp:
-                rec.write_text(tmp)
-                model = read_colmap_text(tmp, id_from_name=lambda n: n)
-        else:
-            raise SfmError(f"{model_dir}: no COLMAP model (cameras.txt or cameras.bin)", path=str(model_dir))
+        model = read_colmap_text(model_dir, id_from_name=lambda n: n)  # text or binary
     except ColmapError as e:
         raise SfmError(f"cannot import the COLMAP model: {e}", path=str(model_dir)) from e
     cameras: dict[str, Camera] = {}

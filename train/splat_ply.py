@@ -202,6 +202,10 @@ def _check_values(p: SplatParams, path: Path | str | None) -> None:
             raise SplatError(f"{name} has NaN/inf values in {int(bad.sum())} Gaussian(s), the first at index "
                              f"{int(np.argmax(bad))} (drop them with params.subset(params.valid_mask()))",
                              path=path, field=name)
+    _check_quats(p, path)
+
+
+def _check_quats(p: SplatParams, path: Path | str | None) -> None:
     zero = _quat_norms(p.quats) == 0.0
     if zero.any():
         raise SplatError(f"quats has {int(zero.sum())} zero quaternion(s), the first at index "
@@ -317,7 +321,7 @@ def read_splat_ply(path: Path | str) -> SplatParams:
     params = SplatParams(cols(["x", "y", "z"]), cols(["scale_0", "scale_1", "scale_2"]),
                          cols(["rot_0", "rot_1", "rot_2", "rot_3"]), cols(["opacity"])[:, 0],
                          cols(["f_dc_0", "f_dc_1", "f_dc_2"]), rest)
-    _check_values(params, path)
+    _check_quats(params, path)  # every property was checked finite above, by name
     return params
 
 
