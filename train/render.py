@@ -1,0 +1,188 @@
+"""Images of a twin from its bundle: the views a licensed render asks for, drawn from the bundle's splat.
+
+Views (every one a square ``size`` x ``size`` image, camera conventions as
+:mod:`train.preview`: ``viewmat`` world-to-camera in OpenCV axes, ``K`` with
+pixel centres at +0.5):
+
+* :func:`rig_views`: the bundle's rig cameras, each from its calibrated pose
+  with its vertical field of view, cropped square about the image centre;
+* :func:`orbit_views`: ``n`` cameras on a circle around the subject at its
+  mid-height, framed so that the whole subject (the Gaussians of opacity
+  >= 0.5, 1st to 99th percentile) fits with a margin;
+* :func:`camera_file_views`: the cameras of a ``cameras.json`` (OpenCV, the
+  file format of :mod:`reconstruct.inputs`), framed as rig views.
+
+:func:`render_views` draws them with :func:`train.exports.render_splat`: gsplat
+on a GPU, the project's CPU rasteriser otherwise. The splat in a bundle carries
+one lighting (the one baked in at export); lighting presets are a later step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from rigs.errors import TwinstudioError
+from rigs.geometry import Camera, look_at
+
+#: the background of a render: white, as e-commerce pictures are
+RENDER_BACKGROUND = (1.0, 1.0, 1.0)
+#: the part of the frame the subject may fill in an orbit view
+ORBIT_FILL = 0.85
+
+
+class RenderError(TwinstudioError):
+    """A render cannot be made: names the bundle, view or file."""
+
+    exit_code = 2
+
+
+@dataclass(frozen=True)
+class View:
+    name: str
+    viewmat: np.ndarray  # [4, 4] world-to-camera, OpenCV axes
+    K: np.ndarray  # [3, 3], pixel centres at +0.5
+    size: int
+
+
+@dataclass
+class BundleTwin:
+    """What a render needs from a bundle: its manifest (bytes and parsed), splat and cameras."""
+
+    path: Path
+    manifest_bytes: bytes
+    manifest: dict
+    params: object  # train.splat_ply.SplatParams
+    cameras: dict[str, Camera]
+
+    @property
+    def manifest_sha256(self) -> str:
+        import hashlib
+
+        return hashlib.sha256(self.manifest_bytes).hexdigest()
+
+
+def load_bundle_twin(bundle: Path | str) -> BundleTwin:
+    """Read the manifest, splat and cameras of a bundle folder or ``.tar`` (integrity is the caller's check)."""
+    import tempfile
+
+    from reconstruct.inputs import read_cameras
+    from train.splat_ply import read_splat_ply
+
+    bundle = Path(bundle)
+    wanted = {"MANIFEST.json", "splat/splat.ply", "cameras/cameras.json"}
+    if bundle.is_file():
+        from train.handoff.integrity import iter_tar
+
+        found: dict[str, bytes] = {}
+        for name, _, f in iter_tar(bundle):
+            if name in wanted:
+                found[name] = f.read()
+        missing = sorted(wanted - set(found))
+        if missing:
+            raise RenderError(f"{bundle}: the bundle has no {', '.join(missing)}", path=str(bundle))
+        with tempfile.TemporaryDirectory(prefix=".render-") as tmp:
+            for name in ("splat/splat.ply", "cameras/cameras.json"):
+                (Path(tmp) / Path(name).name).write_bytes(found[name])
+            params = read_splat_ply(Path(tmp) / "splat.ply")
+            cameras = read_cameras(Path(tmp) / "cameras.json")
+        manifest_bytes = found["MANIFEST.json"]
+    elif bundle.is_dir():
+        missing = sorted(n for n in wanted if not (bundle / n).is_file())
+        if missing:
+            raise RenderError(f"{bundle}: the bundle has no {', '.join(missing)}", path=str(bundle))
+        manifest_bytes = (bundle / "MANIFEST.json").read_bytes()
+        params = read_splat_ply(bundle / "splat" / "splat.ply")
+        cameras = read_cameras(bundle / "cameras" / "cameras.json")
+    else:
+        raise RenderError(f"{bundle}: no such bundle (a folder or a .tar)", path=str(bundle))
+    try:
+        manifest = json.loads(manifest_bytes)
+    except ValueError as e:
+        raise RenderError(f"{bundle}: MANIFEST.json is not valid JSON ({e})", path=str(bundle)) from e
+    return BundleTwin(bundle, manifest_bytes, manifest, params, cameras)
+
+
+def _check_size(size: int) -> int:
+    if not 16 <= int(size) <= 8192:
+        raise RenderError(f"image size {size} px: expected 16 to 8192")
+    return int(size)
+
+
+def _square_K(fy: float, height: int, size: int) -> np.ndarray:
+    f = fy * size / height
+    return np.array([[f, 0.0, size / 2.0], [0.0, f, size / 2.0], [0.0, 0.0, 1.0]])
+
+
+def rig_views(cameras: dict[str, Camera], size: int, ids: Sequence[str] | None = None) -> list[View]:
+    """The rig cameras ``ids`` (all, sorted, by default) as square views with their vertical field of view."""
+    size = _check_size(size)
+    ids = sorted(cameras) if ids is None else list(ids)
+    unknown = [i for i in ids if i not in cameras]
+    if unknown:
+        raise RenderError(f"no camera {', '.join(map(repr, unknown))} in the bundle (it has "
+                          f"{', '.join(sorted(cameras))})")
+    return [View(i, cameras[i].pose.matrix, _square_K(cameras[i].intrinsics.fy, cameras[i].intrinsics.height, size),
+                 size) for i in ids]
+
+
+def camera_file_views(path: Path | str, size: int) -> list[View]:
+    """The cameras of a ``cameras.json`` file as square views."""
+    from reconstruct.inputs import read_cameras
+
+    try:
+        cams = read_cameras(path)
+    except TwinstudioError as e:
+        raise RenderError(str(e), path=str(path)) from e
+    if not cams:
+        raise RenderError(f"{path}: no cameras", path=str(path))
+    return rig_views(cams, size)
+
+
+def subject_box(params) -> tuple[np.ndarray, np.ndarray]:
+    """The subject's box (1st and 99th percentile of the Gaussians of opacity >= 0.5), metres."""
+    opaque = params.opacity_logits >= 0.0
+    pts = params.means[opaque] if opaque.sum() >= 10 else params.means
+    if len(pts) == 0:
+        raise RenderError("the splat has no Gaussians")
+    return np.percentile(pts, 1, axis=0), np.percentile(pts, 99, axis=0)
+
+
+def orbit_views(params, n: int, size: int, *, fov_deg: float = 30.0, elevation_deg: float = 5.0,
+                start_deg: float = -90.0) -> list[View]:
+    """``n`` views on a circle around the subject (z up), looking at its mid-height, the subject framed whole."""
+    size = _check_size(size)
+    if n < 1:
+        raise RenderError(f"orbit needs at least 1 view, got {n}")
+    lo, hi = subject_box(params)
+    centre = (lo + hi) / 2.0
+    half = 0.5 * float(np.linalg.norm(hi - lo))  # the box's bounding sphere
+    distance = half / math.sin(math.radians(fov_deg) / 2.0 * ORBIT_FILL)
+    f = 0.5 * size / math.tan(math.radians(fov_deg) / 2.0)
+    K = np.array([[f, 0.0, size / 2.0], [0.0, f, size / 2.0], [0.0, 0.0, 1.0]])
+    el = math.radians(elevation_deg)
+    views = []
+    for i in range(n):
+        a = math.radians(start_deg + 360.0 * i / n)
+        pos = centre + distance * np.array([math.cos(el) * math.cos(a), math.cos(el) * math.sin(a), math.sin(el)])
+        views.append(View(f"orbit-{i:03d}", look_at(pos, centre).matrix, K.copy(), size))
+    return views
+
+
+def render_views(params, views: Sequence[View], *, device: str = "cpu",
+                 background: Sequence[float] = RENDER_BACKGROUND) -> Iterator[tuple[View, np.ndarray]]:
+    """Each view drawn from the splat: ``(view, RGB uint8 [size, size, 3])``, one at a time."""
+    from train.exports import render_splat
+
+    for v in views:
+        rgb = render_splat(params, v.viewmat, v.K, v.size, v.size, device=device, background=tuple(background))
+        yield v, np.clip(np.rint(np.asarray(rgb) * 255.0), 0, 255).astype(np.uint8)
+
+
+__all__ = ["BundleTwin", "RENDER_BACKGROUND", "RenderError", "View", "camera_file_views", "load_bundle_twin",
+           "orbit_views", "render_views", "rig_views", "subject_box"]
