@@ -63,6 +63,7 @@ bench: setup browser-deps
 	$(PY) benchmarks/bundle.py
 	$(PY) benchmarks/formats.py
 	$(PY) benchmarks/viewer.py
+	$(PY) benchmarks/ledger.py
 	$(PY) benchmarks/faults.py
 	$(PY) benchmarks/batch.py
 	$(PY) benchmarks/capture_hosts.py

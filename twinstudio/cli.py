@@ -41,6 +41,7 @@ from twinstudio.cli_handoff import bundle_cmd, keys_app, revocations_app, verify
 from twinstudio.cli_batch import batch_cmd, cluster_app  # noqa: E402
 from twinstudio.cli_export import export_app  # noqa: E402
 from twinstudio.cli_view import view_cmd  # noqa: E402
+from twinstudio.cli_licence import ledger_app, licence_app, royalties_cmd  # noqa: E402
 
 app.add_typer(consent_app, name="consent")
 app.add_typer(capture_app, name="capture")
@@ -54,6 +55,9 @@ app.command("batch")(batch_cmd)
 app.add_typer(cluster_app, name="cluster")
 app.add_typer(export_app, name="export")
 app.command("view")(view_cmd)
+app.add_typer(licence_app, name="licence")
+app.add_typer(ledger_app, name="ledger")
+app.command("royalties")(royalties_cmd)
 
 DEFAULT_RIG = "virtual-ring-24"
 
