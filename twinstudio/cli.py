@@ -42,6 +42,7 @@ from twinstudio.cli_batch import batch_cmd, cluster_app  # noqa: E402
 from twinstudio.cli_export import export_app  # noqa: E402
 from twinstudio.cli_view import view_cmd  # noqa: E402
 from twinstudio.cli_licence import ledger_app, licence_app, royalties_cmd  # noqa: E402
+from twinstudio.cli_render import inspect_cmd, render_cmd  # noqa: E402
 
 app.add_typer(consent_app, name="consent")
 app.add_typer(capture_app, name="capture")
@@ -58,6 +59,8 @@ app.command("view")(view_cmd)
 app.add_typer(licence_app, name="licence")
 app.add_typer(ledger_app, name="ledger")
 app.command("royalties")(royalties_cmd)
+app.command("render")(render_cmd)
+app.command("inspect")(inspect_cmd)
 
 DEFAULT_RIG = "virtual-ring-24"
 

@@ -58,6 +58,27 @@ def keys_init(key_dir: KeyDirOpt = None,
               "(public, give it to render teams)", highlight=False)
     k, _ = trust_key(load_public_key(pub), name, trusted_keys)
     con.print(f"  key id: {k.key_id}, trusted here as {escape(k.name)}", highlight=False)
+    if force or not (_key_dir(key_dir) / "c2pa-ca.pem").exists():
+        _c2pa_init(_key_dir(key_dir), force)
+
+
+def _c2pa_init(key_dir: Path, force: bool) -> None:
+    from train.marking.credentials import CA_CERT, SIGNER_CERT, init_c2pa_chain
+
+    init_c2pa_chain(key_dir, overwrite=force)
+    _console().print(f"[bold green]created[/] the C2PA signing chain for renders: {escape(str(key_dir / CA_CERT))} "
+                     f"(the studio CA: give it to whoever checks images, as their trust anchor) and "
+                     f"{escape(str(key_dir / SIGNER_CERT))}", highlight=False)
+
+
+@keys_app.command("c2pa-init")
+def keys_c2pa_init(key_dir: KeyDirOpt = None,
+                   force: Annotated[bool, typer.Option("--force", help="Replace an existing chain (images "
+                                                                       "signed before then need the old CA).")]
+                   = False) -> None:
+    """Create the studio's C2PA chain (a studio CA and a signer it issues, EC P-256) for a studio whose
+    Ed25519 key already exists; renders are signed with it."""
+    _c2pa_init(_key_dir(key_dir), force)
 
 
 @keys_app.command("show")
