@@ -159,3 +159,50 @@ def _bundle(session: Path, out: Path, plain: bool, console: Console) -> None:
     console.print(f"  open it: 'twinstudio view {target}' (the browser viewer, served on 127.0.0.1 only); "
                   f"usd/twin.usdz inside is the OpenUSD scene ('twinstudio export usd {target} --out twin.usdz')",
                   highlight=False)
+    _licensed(target, out, keys, published, console)
+
+
+def _licensed(bundle: Path, out: Path, keys: Path, published: Path, console: Console) -> None:
+    """A brand's licence for the demo twin, three licensed renders (labelled, watermarked, C2PA-signed,
+    metered), one inspected as released and once more with its credentials stripped, and the model's
+    royalty statement. Everything stays under ``out`` (keys, licences, ledger, statements)."""
+    import cv2
+
+    from train.handoff.integrity import load_public_key
+    from train.handoff.licence import issue_licence
+    from train.handoff.royalties import royalties
+    from train.marking.credentials import CA_CERT, init_c2pa_chain
+    from train.marking.inspect import inspect_image
+    from train.render import load_bundle_twin, orbit_views, render_licensed
+
+    console.rule("licensed renders")
+    if not (keys / CA_CERT).exists():
+        init_c2pa_chain(keys)
+    today = dt.date.today()
+    lic_path, lic = issue_licence(bundle, licensee="Demo Brand", purposes=["e-commerce"], markets=["EU"],
+                                  valid_from=today, valid_until=today + dt.timedelta(days=30), max_images=100,
+                                  rate="2.50 EUR/image", key=keys / "studio.key", pubkey=keys / "studio.pub",
+                                  revocations=published, store=out / "licences")
+    console.print(f"licence {lic.id} for {lic.licensee}: {', '.join(lic.purposes)} in {', '.join(lic.markets)} until "
+                  f"{lic.valid_until}, up to {lic.max_images} images at {lic.rate}; {lic_path}", highlight=False)
+    ledger = out / "ledger" / "usage.jsonl"
+    views = orbit_views(load_bundle_twin(bundle).params, 3, 1024)
+    r = render_licensed(bundle, lic_path, out / "renders", views, purpose="e-commerce", market="EU",
+                        ledger=ledger, key=keys / "studio.key", pubkey=keys / "studio.pub", revocations=published,
+                        chain_dir=keys, on_image=lambda d, n, p: console.print(f"  [{d}/{n}] {p}", markup=False))
+    console.print(f"rendered {len(r.files)} images in {r.seconds:.1f} s; {r.images_left} left on the licence; "
+                  f"usage ledger {ledger}", highlight=False)
+    found = inspect_image(r.files[0], keys / CA_CERT, licences=[lic.id])
+    console.print("twinstudio inspect (as released):\n" + found.summary(), markup=False, highlight=False)
+    img = cv2.imread(str(r.files[-1]))
+    stripped = out / "renders" / "stripped-and-shrunk.jpg"  # what a website does to it: no metadata, half size, q75
+    cv2.imwrite(str(stripped), cv2.resize(img, (img.shape[1] // 2, img.shape[0] // 2), interpolation=cv2.INTER_AREA),
+                [cv2.IMWRITE_JPEG_QUALITY, 75])
+    found = inspect_image(stripped, keys / CA_CERT, licences=[lic.id])
+    console.print("twinstudio inspect (credentials stripped, half size, JPEG q75):\n" + found.summary(), markup=False,
+                  highlight=False)
+    rep = royalties(ledger, today.strftime("%Y-%m"), keys=load_public_key(keys / "studio.pub"),
+                    store=out / "licences", out=out / "royalties")
+    console.print(f"royalties {rep.period}: {rep.images} image(s), "
+                  f"{', '.join(f'{v} {k}' for k, v in rep.totals.items())}; written: {', '.join(str(f) for f in rep.files)}",
+                  highlight=False)
