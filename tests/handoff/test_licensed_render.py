@@ -100,3 +100,30 @@ def test_renders_outside_the_licence_are_refused_before_anything_is_drawn(studio
     after = (studio["home"] / "ledger" / "usage.jsonl").read_bytes() if (
         studio["home"] / "ledger" / "usage.jsonl").exists() else b""
     assert after == before
+
+
+@pytest.mark.parametrize("attack", ["jpeg75", "half", "crop10"])
+def test_the_watermark_of_a_real_render_survives_the_web(studio, tmp_path, attack):
+    """A licensed render of the twin, stripped of its credentials by the usual trip through the web, still
+    names its licence and serial."""
+    import cv2
+
+    from train.marking.inspect import WATERMARK_ONLY, inspect_image
+
+    lic_id = json.loads(studio["licence"].read_text())["licence"]["id"]
+    made = sorted(studio["root"].glob("made/*.jpg"))
+    if not made:
+        p = _render(studio, studio["root"] / "made", "--count", "1", "--views", "rig", "--cameras", "cam04")
+        assert p.returncode == 0, p.stderr
+        made = sorted(studio["root"].glob("made/*.jpg"))
+    img = cv2.imread(str(made[0]))
+    h, w = img.shape[:2]
+    if attack == "half":
+        img = cv2.resize(img, (w // 2, h // 2), interpolation=cv2.INTER_AREA)
+    elif attack == "crop10":
+        img = img[h // 20: h - h // 20, w // 20: w - w // 20]  # 10 % of each side's length, centred
+    out = tmp_path / f"{attack}.jpg"
+    cv2.imwrite(str(out), img, [cv2.IMWRITE_JPEG_QUALITY, 75])
+    r = inspect_image(out, studio["home"] / "keys" / "c2pa-ca.pem", licences=[lic_id])
+    assert r.exit_code == WATERMARK_ONLY, r.summary()
+    assert r.licence_id == lic_id and r.image_serial == int(made[0].name.split("-")[2]), r.summary()
