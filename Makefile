@@ -64,6 +64,8 @@ bench: setup browser-deps
 	$(PY) benchmarks/formats.py
 	$(PY) benchmarks/viewer.py
 	$(PY) benchmarks/ledger.py
+	$(PY) benchmarks/marking.py
+	$(PY) benchmarks/licensed_render.py
 	$(PY) benchmarks/faults.py
 	$(PY) benchmarks/batch.py
 	$(PY) benchmarks/capture_hosts.py
