@@ -112,6 +112,29 @@ def check_ply_against_model(model, params: SplatParams, camera, lighting: int) -
     return out
 
 
+#: every lighting preset's degree-0 SH coefficients, beside splat.ply (the PLY holds one preset baked in)
+LIGHTING_FILE = "lighting.npz"
+
+
+def write_lighting(model, path: Path, baked: int) -> Path:
+    """``lighting.npz``: ``presets`` (names), ``baked`` (the one in splat.ply) and ``f_dc`` [P, N, 3] float32,
+    each preset's degree-0 SH coefficients (a 3DGS PLY's ``f_dc``) in splat.ply's Gaussian order: swap one in
+    for the PLY's ``f_dc`` to see the twin under that preset."""
+    import io
+
+    import torch
+
+    from rigs.fileio import atomic_write_bytes
+
+    with torch.no_grad():
+        dc = np.stack([model.baked_features_dc(i).detach().cpu().numpy().astype(np.float32)
+                       for i in range(len(model.presets))])
+    buf = io.BytesIO()
+    np.savez(buf, presets=np.asarray(model.presets), baked=np.asarray(model.presets[baked]), f_dc=dc)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
 def export_run(model, run_dir: Path | str, dataset_doc: dict, *, frames: int = 36, check_camera=None,
                on_event: Callable[[dict], None] | None = None) -> dict:
     """Write the splat PLY and the turntable previews of a trained model; returns what was written.
@@ -132,7 +155,8 @@ def export_run(model, run_dir: Path | str, dataset_doc: dict, *, frames: int = 3
         "frame: studio world, metres, z up; opacity logit, log scales, rot w x y z, f_rest channel-major",
     ])
     back = read_splat_ply(ply)
-    result: dict = {"splat_ply": ply.name, "lighting": preset, "splat": splat_stats(back)}
+    result: dict = {"splat_ply": ply.name, "lighting": preset, "splat": splat_stats(back),
+                    "lighting_presets": write_lighting(model, run_dir / LIGHTING_FILE, lighting).name}
     if check_camera is not None:
         result["ply_check"] = check_ply_against_model(model, back, check_camera, lighting)
 
@@ -164,4 +188,5 @@ def export_run(model, run_dir: Path | str, dataset_doc: dict, *, frames: int = 3
     return result
 
 
-__all__ = ["check_ply_against_model", "export_run", "render_splat", "splat_params"]
+__all__ = ["LIGHTING_FILE", "check_ply_against_model", "export_run", "render_splat", "splat_params",
+           "write_lighting"]

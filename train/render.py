@@ -13,14 +13,17 @@ pixel centres at +0.5):
   file format of :mod:`reconstruct.inputs`), framed as rig views.
 
 :func:`render_views` draws them with :func:`train.exports.render_splat`: gsplat
-on a GPU, the project's CPU rasteriser otherwise. The splat in a bundle carries
-one lighting (the one baked in at export); lighting presets are a later step.
+on a GPU, the project's CPU rasteriser otherwise. ``splat.ply`` carries one
+lighting preset baked in; :meth:`BundleTwin.lit` swaps in another captured
+preset's colours from ``splat/lighting.npz``.
 :func:`render_licensed` is ``twinstudio render``: licence checked, every image
 labelled, watermarked, signed (C2PA) and metered in the usage ledger.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import json
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -32,6 +35,8 @@ import numpy as np
 from rigs.errors import TwinstudioError
 from rigs.geometry import Camera, look_at
 
+#: every lighting preset's f_dc in a bundle (train.exports.write_lighting)
+LIGHTING = "splat/lighting.npz"
 #: the background of a render: white, as e-commerce pictures are
 RENDER_BACKGROUND = (1.0, 1.0, 1.0)
 #: the part of the frame the subject may fill in an orbit view
@@ -61,6 +66,20 @@ class BundleTwin:
     manifest: dict
     params: object  # train.splat_ply.SplatParams
     cameras: dict[str, Camera]
+    lighting: dict[str, np.ndarray] | None = None  # preset -> f_dc [N, 3] (splat/lighting.npz)
+    baked: str | None = None  # the preset baked into splat.ply
+
+    def lit(self, preset: str | None):
+        """The splat under ``preset`` (its f_dc swapped in), or as baked into splat.ply when None."""
+        if preset is None or preset == self.baked:
+            return self.params
+        if not self.lighting:
+            raise RenderError(f"{self.path}: the bundle has no lighting presets (splat/lighting.npz); it shows "
+                              f"the twin under {self.baked or 'the lighting baked into splat.ply'} only")
+        if preset not in self.lighting:
+            raise RenderError(f"lighting preset {preset!r} is not in the bundle (it has "
+                              f"{', '.join(self.lighting)})")
+        return dataclasses.replace(self.params, sh_dc=self.lighting[preset])
 
     @property
     def manifest_sha256(self) -> str:
@@ -78,13 +97,15 @@ def load_bundle_twin(bundle: Path | str) -> BundleTwin:
 
     bundle = Path(bundle)
     wanted = {"MANIFEST.json", "splat/splat.ply", "cameras/cameras.json"}
+    lighting_bytes = None
     if bundle.is_file():
         from train.handoff.integrity import iter_tar
 
         found: dict[str, bytes] = {}
         for name, _, f in iter_tar(bundle):
-            if name in wanted:
+            if name in wanted or name == LIGHTING:
                 found[name] = f.read()
+        lighting_bytes = found.pop(LIGHTING, None)
         missing = sorted(wanted - set(found))
         if missing:
             raise RenderError(f"{bundle}: the bundle has no {', '.join(missing)}", path=str(bundle))
@@ -99,6 +120,8 @@ def load_bundle_twin(bundle: Path | str) -> BundleTwin:
         if missing:
             raise RenderError(f"{bundle}: the bundle has no {', '.join(missing)}", path=str(bundle))
         manifest_bytes = (bundle / "MANIFEST.json").read_bytes()
+        if (bundle / LIGHTING).is_file():
+            lighting_bytes = (bundle / LIGHTING).read_bytes()
         params = read_splat_ply(bundle / "splat" / "splat.ply")
         cameras = read_cameras(bundle / "cameras" / "cameras.json")
     else:
@@ -107,7 +130,19 @@ def load_bundle_twin(bundle: Path | str) -> BundleTwin:
         manifest = json.loads(manifest_bytes)
     except ValueError as e:
         raise RenderError(f"{bundle}: MANIFEST.json is not valid JSON ({e})", path=str(bundle)) from e
-    return BundleTwin(bundle, manifest_bytes, manifest, params, cameras)
+    twin = BundleTwin(bundle, manifest_bytes, manifest, params, cameras)
+    if lighting_bytes is not None:
+        try:
+            with np.load(io.BytesIO(lighting_bytes)) as z:
+                names, dc = [str(x) for x in z["presets"]], np.asarray(z["f_dc"], np.float32)
+                twin.baked = str(z["baked"])
+        except (OSError, ValueError, KeyError) as e:
+            raise RenderError(f"{bundle}: {LIGHTING} is unreadable ({e})", path=str(bundle)) from e
+        if dc.shape != (len(names), params.n, 3):
+            raise RenderError(f"{bundle}: {LIGHTING} holds f_dc {dc.shape}, expected "
+                              f"({len(names)}, {params.n}, 3)", path=str(bundle))
+        twin.lighting = dict(zip(names, dc))
+    return twin
 
 
 def _check_size(size: int) -> int:
@@ -205,6 +240,7 @@ class LicensedRender:
 
 def render_licensed(bundle: Path | str, licence: Path | str, out: Path | str, views: Sequence[View], *,
                     purpose: str, market: str, fmt: str = "jpeg", label: bool = True, device: str = "cpu",
+                    lighting: str | None = None,
                     licensee: str | None = None, ledger: Path | str | None = None, key: Path | str | None = None,
                     pubkey: Path | str | None = None, trusted_keys: Path | str | None = None,
                     revocations: Path | str | None = None, accept_stale_revocations: bool = False,
@@ -222,6 +258,8 @@ def render_licensed(bundle: Path | str, licence: Path | str, out: Path | str, vi
     *before* its file is written (a crash may leave a metered image unwritten,
     never an unmetered one), then written atomically as
     ``<licence>-<serial>-<view>.<fmt>``. Serials continue the licence's count.
+    ``lighting`` picks a captured preset (the bundle's ``splat/lighting.npz``);
+    by default the one baked into splat.ply.
     """
     import hashlib
     import time
@@ -247,11 +285,12 @@ def render_licensed(bundle: Path | str, licence: Path | str, out: Path | str, vi
     lic = auth.licence
     chain = load_c2pa_chain(chain_dir)
     twin = load_bundle_twin(bundle)
+    params = twin.lit(lighting)
     book = Ledger(ledger, key=key)
     subject = str(twin.manifest.get("subject", {}).get("id", ""))
     out.mkdir(parents=True, exist_ok=True)
     files, serials = [], []
-    for i, (view, rgb) in enumerate(render_views(twin.params, views, device=device)):
+    for i, (view, rgb) in enumerate(render_views(params, views, device=device)):
         serial = auth.images_used + i + 1
         if label:
             rgb = label_image(rgb)
@@ -269,4 +308,5 @@ def render_licensed(bundle: Path | str, licence: Path | str, out: Path | str, vi
 
 
 __all__ = ["BundleTwin", "LicensedRender", "RENDER_BACKGROUND", "RenderError", "View", "camera_file_views",
-           "load_bundle_twin", "orbit_views", "render_licensed", "render_views", "rig_views", "subject_box"]
+           "LIGHTING", "load_bundle_twin", "orbit_views", "render_licensed", "render_views", "rig_views",
+           "subject_box"]

@@ -28,6 +28,9 @@ def render_cmd(
     size: Annotated[int, typer.Option(help="Image size in pixels (square). The watermark survives JPEG q75, a "
                                            "0.5x resize and a 10% crop at 1024; below 512 too little of it "
                                            "may survive.", min=16, max=8192)] = 1024,
+    lighting: Annotated[Optional[str], typer.Option(help="A captured lighting preset (the bundle's "
+                                                         "splat/lighting.npz; default: the one baked into "
+                                                         "splat.ply).")] = None,
     fmt: Annotated[str, typer.Option("--format", help="jpeg or png.")] = "jpeg",
     label: Annotated[bool, typer.Option(help="The visible 'AI-generated digital twin' label.")] = True,
     device: Annotated[str, typer.Option(help="cpu (the project's rasteriser) or cuda (gsplat).")] = "cpu",
@@ -51,6 +54,7 @@ def render_cmd(
         raise typer.BadParameter(f"licence {lic.id} names several purposes ({', '.join(lic.purposes)}) or markets "
                                  f"({', '.join(lic.markets)}): say which with --purpose and --market")
     twin = load_bundle_twin(bundle)
+    twin.lit(lighting)  # an unknown preset is refused before the licence is checked
     if views == "orbit":
         chosen = orbit_views(twin.params, count, size)
     elif views == "rig":
@@ -63,7 +67,8 @@ def render_cmd(
         console.print(f"  [{done}/{total}] {escape(str(path))}", highlight=False)
 
     r = render_licensed(bundle, licence, out, chosen, purpose=purpose, market=market, fmt=fmt, label=label,
-                        device=device, ledger=ledger, pubkey=pubkey, revocations=revocations, on_image=shown)
+                        device=device, lighting=lighting, ledger=ledger, pubkey=pubkey, revocations=revocations,
+                        on_image=shown)
     console.print(f"rendered {len(r.files)} image(s) under licence {r.licence_id} in {r.seconds:.1f} s "
                   f"(serials {r.serials[0]}-{r.serials[-1]}); {r.images_left} image(s) left on the licence",
                   highlight=False)

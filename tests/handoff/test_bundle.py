@@ -71,7 +71,7 @@ def test_layout_and_manifest(bundle, session):
     for rel in ("MANIFEST.json", "SIGNATURE.json", "USAGE.md", "metrics.json", "cameras/transforms.json",
                 "cameras/cameras.json", "cameras/colmap/cameras.txt", "geometry/mesh.glb", "geometry/mesh.ply",
                 "geometry/points.ply", "splat/splat.ply", "previews/turntable.mp4", "generation/metadata.jsonl",
-                "usd/twin.usdz", "viewer/index.html"):
+                "usd/twin.usdz", "viewer/index.html", "splat/lighting.npz"):
         assert (p / rel).is_file(), rel
     m = json.loads((p / "MANIFEST.json").read_text())
     assert m["schema"] == "twinstudio.bundle" and m["version"] == 1
@@ -113,6 +113,26 @@ def test_usd_scene_carries_the_trained_splat_mesh_cameras_and_terms(bundle, sess
     cams = json.loads((bundle.path / "cameras" / "cameras.json").read_text())["cameras"]
     assert len([q for q in stage.Traverse() if q.IsA(UsdGeom.Camera)]) == len(cams) == 24
     assert stage.GetPrimAtPath("/Twin/Mesh").IsA(UsdGeom.Mesh)
+
+
+def test_every_lighting_preset_renders_from_the_bundle(bundle, session):
+    """splat/lighting.npz holds each captured preset's colours: the baked one is splat.ply's, the others differ,
+    and a render swaps them in."""
+    from train.render import RenderError, load_bundle_twin, orbit_views, render_views
+    from train.splat_ply import read_splat_ply
+
+    twin = load_bundle_twin(bundle.path)
+    presets = json.loads((session / "train" / "dataset" / "transforms.json").read_text())["twinstudio"]["presets"]
+    assert list(twin.lighting) == presets and twin.baked in presets and len(presets) > 1
+    np.testing.assert_allclose(twin.lighting[twin.baked], read_splat_ply(bundle.path / "splat" / "splat.ply").sh_dc,
+                               atol=1e-6)
+    other = next(p for p in presets if p != twin.baked)
+    view = orbit_views(twin.params, 1, 96)
+    _, a = next(render_views(twin.lit(None), view))
+    _, b = next(render_views(twin.lit(other), view))
+    assert np.abs(a.astype(int) - b.astype(int)).mean() > 0.5  # another preset, other colours
+    with pytest.raises(RenderError, match="lighting preset 'candle' is not in the bundle"):
+        twin.lit("candle")
 
 
 def test_generation_kit(bundle):

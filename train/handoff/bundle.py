@@ -9,7 +9,8 @@
     cameras/          transforms.json (nerfstudio, with the stills and masks it names),
                       cameras.json (OpenCV), colmap/ (COLMAP text model)
     geometry/         mesh.glb, mesh.ply, points.ply (point cloud sampled on the mesh)
-    splat/            splat.ply (3D Gaussian splat, standard layout, studio metres)
+    splat/            splat.ply (3D Gaussian splat, standard layout, studio metres), lighting.npz (every
+                      lighting preset's f_dc, to swap in for the one baked into splat.ply)
     motion/           trajectories.npz / .csv, motion.json
     previews/         turntable.mp4 (H.264), turntable/*.png, side-by-side evaluation images
     viewer/           index.html: the twin in a browser, offline (splat, mesh, rig cameras, AI label);
@@ -127,6 +128,10 @@ def build_bundle(session: Path | str, out: Path | str, options: BundleOptions = 
         _cameras(session, ds, dataset.parent, stage / "cameras")
         _geometry(session, take, dataset.parent, stage / "geometry", omitted)
         copy_file(run_dir / "splat.ply", stage / "splat" / "splat.ply")
+        if (run_dir / "lighting.npz").is_file():
+            copy_file(run_dir / "lighting.npz", stage / "splat" / "lighting.npz")
+        else:
+            omitted["splat/lighting.npz"] = "the training run exported no lighting presets (an earlier version)"
         _motion(session, stage / "motion", omitted)
         _previews(run_dir, stage / "previews", omitted)
         write_viewer(stage / "viewer")
