@@ -486,6 +486,51 @@ def check_document(data: bytes, doc: object, *, signed: str, where: str) -> Sign
     return _check_signature(data, doc, None, signed=signed, where=where)
 
 
+def canonical(doc: dict[str, Any]) -> bytes:
+    """The bytes that are signed: JSON, sorted keys, no spaces, UTF-8."""
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+
+
+def signed_json(schema: str, version: int, member: str, body: dict[str, Any],
+                private_key: Ed25519PrivateKey) -> bytes:
+    """A signed JSON document: ``{schema, version, <member>: body, signature}``, the signature over
+    :func:`canonical` of ``body`` (saying it signs ``member``); deterministic bytes."""
+    doc = {"schema": schema, "version": version, member: body,
+           "signature": sign_document(canonical(body), private_key, signed=member)}
+    return (json.dumps(doc, indent=2, ensure_ascii=False) + "\n").encode()
+
+
+def open_signed_json(data: bytes, where: Path | str, *, schema: str, version: int, member: str, what: str,
+                     error: type[Exception], signature_error: type[Exception],
+                     schema_hint: Callable[[object], str] = lambda got: "") -> tuple[dict[str, Any], SignatureCheck]:
+    """The body of a :func:`signed_json` document and its verified signature check.
+
+    Raises ``error`` (naming ``where``) for anything malformed and ``signature_error``
+    when the signature does not verify with the key embedded in it.
+    """
+    try:
+        doc = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise error(f"{where}: not {what} (not JSON: {e})", path=str(where)) from None
+    if not isinstance(doc, dict) or doc.get("schema") != schema:
+        got = doc.get("schema") if isinstance(doc, dict) else None
+        raise error(f"{where}: schema is {got!r}, not {schema!r}{schema_hint(got)}: not {what}", path=str(where))
+    if doc.get("version") != version:
+        raise error(f"{where}: version {doc.get('version')!r} is not {version}", path=str(where))
+    body = doc.get(member)
+    if not isinstance(body, dict):
+        raise error(f"{where}: no \"{member}\" object", path=str(where))
+    try:
+        signed_bytes = canonical(body)
+    except ValueError as e:
+        raise error(f"{where}: the {member} holds values JSON cannot sign ({e})", path=str(where)) from None
+    check = check_document(signed_bytes, doc.get("signature"), signed=member, where=f"{where} signature")
+    if not check.valid or check.public_key is None:
+        raise signature_error(f"{where}: the signature does not verify: " + "; ".join(check.problems),
+                              path=str(where))
+    return body, check
+
+
 def check_signature(manifest_bytes: bytes, signature_doc: dict[str, Any],
                     trusted: Ed25519PublicKey | None) -> list[str]:
     """Problems with a SIGNATURE.json document for these manifest bytes; ``[]`` means good.

@@ -77,7 +77,7 @@ from rigs.errors import EXIT_INPUT, EXIT_TAMPERED, TwinstudioError
 from rigs.fileio import atomic_write_bytes, fsync_dir
 from train.handoff.integrity import key_id
 from train.handoff.licence import Licence, LicenceRefused, studio_key, trust_for, use_refusals
-from train.handoff.revocations import canonical
+from train.handoff.integrity import canonical
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey

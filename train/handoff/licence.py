@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import json
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -63,8 +62,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from rigs.errors import EXIT_CONSENT, EXIT_INPUT, EXIT_TAMPERED, TwinstudioError
 from rigs.fileio import atomic_write_bytes
-from train.handoff.integrity import MANIFEST, check_document, iter_tar, key_id, parse_manifest, sign_document
-from train.handoff.revocations import canonical, revocation_status
+from train.handoff.integrity import (MANIFEST, canonical, iter_tar, key_id, open_signed_json, parse_manifest,
+                                     signed_json)
+from train.handoff.revocations import revocation_status
 from train.handoff.verify import CONSENT, REVOCATION, TAMPERED, UNTRUSTED, VALID, VerifyResult, verify_bundle
 from train.handoff.verify import STATUS as BUNDLE_STATUS
 
@@ -349,10 +349,7 @@ def sign_licence(licence: Licence, private_key: Ed25519PrivateKey) -> SignedLice
     public = private_key.public_key()
     if licence.issuer != key_id(public):
         raise LicenceError(f"licence {licence.id}: issuer {licence.issuer} is not the signing key {key_id(public)}")
-    body = licence.body()
-    doc = {"schema": LICENCE_SCHEMA, "version": LICENCE_VERSION, "licence": body,
-           "signature": sign_document(canonical(body), private_key, signed=SIGNED)}
-    data = (json.dumps(doc, indent=2, ensure_ascii=False) + "\n").encode()
+    data = signed_json(LICENCE_SCHEMA, LICENCE_VERSION, SIGNED, licence.body(), private_key)
     return SignedLicence(licence, raw_public_key(public), data)
 
 
@@ -362,26 +359,8 @@ def parse_licence(data: bytes, where: Path | str = "<licence>") -> SignedLicence
     Raises LicenceError (exit 2) for anything malformed, LicenceSignatureError
     (exit 3) when the signature does not verify.
     """
-    try:
-        doc = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise LicenceError(f"{where}: not a licence (not JSON: {e})", path=str(where)) from None
-    if not isinstance(doc, dict) or doc.get("schema") != LICENCE_SCHEMA:
-        got = doc.get("schema") if isinstance(doc, dict) else None
-        raise LicenceError(f"{where}: schema is {got!r}, not {LICENCE_SCHEMA!r}: not a licence", path=str(where))
-    if doc.get("version") != LICENCE_VERSION:
-        raise LicenceError(f"{where}: version {doc.get('version')!r} is not {LICENCE_VERSION}", path=str(where))
-    body = doc.get("licence")
-    if not isinstance(body, dict):
-        raise LicenceError(f"{where}: no \"licence\" object", path=str(where))
-    try:
-        signed_bytes = canonical(body)
-    except ValueError as e:
-        raise LicenceError(f"{where}: the licence holds values JSON cannot sign ({e})", path=str(where)) from None
-    check = check_document(signed_bytes, doc.get("signature"), signed=SIGNED, where=f"{where} signature")
-    if not check.valid or check.public_key is None:
-        raise LicenceSignatureError(f"{where}: the signature does not verify: " + "; ".join(check.problems),
-                                    path=str(where))
+    body, check = open_signed_json(data, where, schema=LICENCE_SCHEMA, version=LICENCE_VERSION, member=SIGNED,
+                                   what="a licence", error=LicenceError, signature_error=LicenceSignatureError)
     try:
         lic = Licence.model_validate(body)
     except ValidationError as e:

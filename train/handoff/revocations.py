@@ -45,7 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from rigs.errors import EXIT_INPUT, EXIT_TAMPERED, EXIT_UNTRUSTED, TwinstudioError
 from rigs.fileio import atomic_write_bytes
-from train.handoff.integrity import check_document, key_id, sign_document
+from train.handoff.integrity import canonical, key_id, open_signed_json, signed_json
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -141,11 +141,6 @@ class RevocationList(BaseModel):
         return _utc(now) > self.next_update
 
 
-def canonical(doc: dict[str, Any]) -> bytes:
-    """The bytes that are signed: JSON, sorted keys, no spaces, UTF-8."""
-    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
-
-
 @dataclass(frozen=True)
 class SignedList:
     """A revocation list whose signature verified with the key embedded in it (trust is judged apart)."""
@@ -171,10 +166,7 @@ def sign_list(rl: RevocationList, private_key: Ed25519PrivateKey) -> SignedList:
     public = private_key.public_key()
     if rl.issuer != key_id(public):
         raise RevocationError(f"the list's issuer {rl.issuer} is not the signing key {key_id(public)}")
-    body = rl.document()
-    doc = {"schema": LIST_SCHEMA, "version": LIST_VERSION, "list": body,
-           "signature": sign_document(canonical(body), private_key, signed=SIGNED)}
-    data = (json.dumps(doc, indent=2, ensure_ascii=False) + "\n").encode()
+    data = signed_json(LIST_SCHEMA, LIST_VERSION, SIGNED, rl.document(), private_key)
     return SignedList(rl, raw_public_key(public), data)
 
 
@@ -184,28 +176,13 @@ def parse_list(data: bytes, where: Path | str = "<revocation list>") -> SignedLi
     Raises RevocationError (exit 2) for anything malformed, RevocationSignatureError
     (exit 3) when the signature does not verify.
     """
-    try:
-        doc = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise RevocationError(f"{where}: not a revocation list (not JSON: {e})", path=str(where)) from None
-    if not isinstance(doc, dict) or doc.get("schema") != LIST_SCHEMA:
-        got = doc.get("schema") if isinstance(doc, dict) else None
-        hint = (" (the unsigned list of an earlier twinstudio; issue a signed one with "
-                "'twinstudio revocations export')" if got == LEGACY_SCHEMA else "")
-        raise RevocationError(f"{where}: schema is {got!r}, not {LIST_SCHEMA!r}{hint}", path=str(where))
-    if doc.get("version") != LIST_VERSION:
-        raise RevocationError(f"{where}: version {doc.get('version')!r} is not {LIST_VERSION}", path=str(where))
-    body = doc.get("list")
-    if not isinstance(body, dict):
-        raise RevocationError(f"{where}: no \"list\" object", path=str(where))
-    try:
-        signed_bytes = canonical(body)
-    except ValueError as e:
-        raise RevocationError(f"{where}: the list holds values JSON cannot sign ({e})", path=str(where)) from None
-    check = check_document(signed_bytes, doc.get("signature"), signed=SIGNED, where=f"{where} signature")
-    if not check.valid or check.public_key is None:
-        raise RevocationSignatureError(f"{where}: the signature does not verify: " + "; ".join(check.problems),
-                                       path=str(where))
+    def hint(got: object) -> str:
+        return (" (the unsigned list of an earlier twinstudio; issue a signed one with 'twinstudio revocations "
+                "export')" if got == LEGACY_SCHEMA else "")
+
+    body, check = open_signed_json(data, where, schema=LIST_SCHEMA, version=LIST_VERSION, member=SIGNED,
+                                   what="a revocation list", error=RevocationError,
+                                   signature_error=RevocationSignatureError, schema_hint=hint)
     try:
         rl = RevocationList.model_validate(body)
     except ValidationError as e:
