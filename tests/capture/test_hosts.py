@@ -49,6 +49,8 @@ def _same_events(journal: list[dict]) -> list[str]:
         e = {k: v for k, v in e.items() if k not in ("t", "crc", "hosts", "skew_s", "rig", "rig_sha256")}
         if e["ev"] == "frame":
             e["record"] = {k: e["record"][k] for k in ("path", "sha256", "size", "attempts", "qa")}
+        if "qa_flags" in e:  # a trigger-skew flag is a trigger timing too (a loaded machine can raise one)
+            e["qa_flags"] = [f for f in e["qa_flags"] if not f.startswith("trigger skew")]
         if e["ev"] != "dispatch":
             out.append(json.dumps(e, sort_keys=True))
     return sorted(out)
