@@ -41,9 +41,11 @@ def render_cmd(
     revocations: Annotated[Optional[Path], typer.Option(help="A revocation list file to check the consent "
                                                              "against (default: the imported one).")] = None,
 ) -> None:
-    """Render licensed images of the twin: refused outside the licence (licensee, purpose, market, dates, images
-    left) or the consent's 'generate' scope; every image carries the AI label, an invisible watermark and C2PA
-    content credentials, and is recorded in the usage ledger."""
+    """Render licensed images of the twin, each labelled, watermarked, C2PA-signed and metered.
+
+    Refused outside the licence (licensee, purpose, market, dates, images left) or the consent's 'generate'
+    scope, before anything is drawn. Every image carries the visible AI label, an invisible watermark and
+    C2PA content credentials, and is recorded in the usage ledger."""
     from train.handoff.licence import read_licence
     from train.render import camera_file_views, load_bundle_twin, orbit_views, render_licensed, rig_views
 
@@ -82,8 +84,11 @@ def inspect_cmd(
                                                          "(repeatable; default: every licence the studio holds).")]
     = None,
 ) -> None:
-    """Where a released image came from: its C2PA credentials (validated), else its invisible watermark.
-    Exit 0 credentials valid, 10 watermark only (credentials stripped, untrusted or tampered), 11 nothing found."""
+    """Where a released image came from: its C2PA credentials, else its invisible watermark.
+
+    The credentials are validated against the studio CA; without valid ones the watermark names the licence
+    and image serial. Exit 0 credentials valid, 10 watermark only (credentials stripped, untrusted or
+    tampered), 11 nothing found."""
     from train.handoff.licence import held_licences
     from train.marking.inspect import inspect_image
 
