@@ -531,6 +531,19 @@ def open_signed_json(data: bytes, where: Path | str, *, schema: str, version: in
     return body, check
 
 
+def read_bounded(path: Path, limit: int, what: str, error: type[Exception]) -> bytes:
+    """The bytes of ``path``, a signed document of at most ``limit`` bytes; ``error`` names the file when it is
+    missing, too large or unreadable."""
+    try:
+        if path.stat().st_size > limit:
+            raise error(f"{path}: larger than {limit >> 20} MiB: not {what}", path=str(path))
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise error(f"{path}: no such {what.split(' ', 1)[1]}", path=str(path)) from None
+    except OSError as e:
+        raise error(f"{path}: cannot read: {e.strerror}", path=str(path)) from None
+
+
 def check_signature(manifest_bytes: bytes, signature_doc: dict[str, Any],
                     trusted: Ed25519PublicKey | None) -> list[str]:
     """Problems with a SIGNATURE.json document for these manifest bytes; ``[]`` means good.

@@ -63,7 +63,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from rigs.errors import EXIT_CONSENT, EXIT_INPUT, EXIT_TAMPERED, TwinstudioError
 from rigs.fileio import atomic_write_bytes
 from train.handoff.integrity import (MANIFEST, canonical, iter_tar, key_id, open_signed_json, parse_manifest,
-                                     signed_json)
+                                     read_bounded, signed_json)
 from train.handoff.revocations import revocation_status
 from train.handoff.verify import CONSENT, REVOCATION, TAMPERED, UNTRUSTED, VALID, VerifyResult, verify_bundle
 from train.handoff.verify import STATUS as BUNDLE_STATUS
@@ -374,15 +374,7 @@ def parse_licence(data: bytes, where: Path | str = "<licence>") -> SignedLicence
 def read_licence(path: Path | str) -> SignedLicence:
     """The licence in ``path`` (a file, or the id of a licence held in the store); see :func:`parse_licence`."""
     p = find_licence(path)
-    try:
-        if p.stat().st_size > MAX_LICENCE_BYTES:
-            raise LicenceError(f"{p}: larger than {MAX_LICENCE_BYTES >> 20} MiB: not a licence", path=str(p))
-        data = p.read_bytes()
-    except FileNotFoundError:
-        raise LicenceError(f"{p}: no such licence", path=str(p)) from None
-    except OSError as e:
-        raise LicenceError(f"{p}: cannot read: {e.strerror}", path=str(p)) from None
-    return parse_licence(data, p)
+    return parse_licence(read_bounded(p, MAX_LICENCE_BYTES, "a licence", LicenceError), p)
 
 
 def store_dir() -> Path:

@@ -45,7 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from rigs.errors import EXIT_INPUT, EXIT_TAMPERED, EXIT_UNTRUSTED, TwinstudioError
 from rigs.fileio import atomic_write_bytes
-from train.handoff.integrity import canonical, key_id, open_signed_json, signed_json
+from train.handoff.integrity import canonical, key_id, open_signed_json, read_bounded, signed_json
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -198,15 +198,7 @@ def parse_list(data: bytes, where: Path | str = "<revocation list>") -> SignedLi
 def read_list(path: Path | str) -> SignedList:
     """The revocation list in ``path`` (see :func:`parse_list`)."""
     p = Path(path)
-    try:
-        if p.stat().st_size > MAX_LIST_BYTES:
-            raise RevocationError(f"{p}: larger than {MAX_LIST_BYTES >> 20} MiB: not a revocation list", path=str(p))
-        data = p.read_bytes()
-    except FileNotFoundError:
-        raise RevocationError(f"{p}: no such revocation list", path=str(p)) from None
-    except OSError as e:
-        raise RevocationError(f"{p}: cannot read: {e.strerror}", path=str(p)) from None
-    return parse_list(data, p)
+    return parse_list(read_bounded(p, MAX_LIST_BYTES, "a revocation list", RevocationError), p)
 
 
 # ----------------------------------------------------------------------------- the store
